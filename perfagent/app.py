@@ -1,0 +1,188 @@
+"""The application factory: `create_app(settings)` wires settings, store, scraper and routes; all
+state lives on the returned application."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from perfagent import __version__
+from perfagent.api import config, health, history, instances, metrics
+from perfagent.clock import utc_now
+from perfagent.collect import SnapshotCache
+from perfagent.context import AGENT, Agent
+from perfagent.demo import DemoFleet, default_demo_dir
+from perfagent.docs import DOC_ROUTE_NAMES, setup_docs
+from perfagent.errors import ConfigError
+from perfagent.export import build_registry
+from perfagent.history import HistoryWriter
+from perfagent.middleware import error_middleware
+from perfagent.normalize import RawSnapshot
+from perfagent.openapi import build_openapi
+from perfagent.poller import Poller
+from perfagent.routing import Endpoint, add_endpoints
+from perfagent.scrape import Scraper
+from perfagent.settings import Settings
+from perfagent.store import Store
+from perfagent.targets import TargetPolicy
+
+log = logging.getLogger("perfagent")
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    *health.ENDPOINTS,
+    *config.ENDPOINTS,
+    *metrics.ENDPOINTS,
+    *history.ENDPOINTS,
+    *instances.ENDPOINTS,
+)
+
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+
+__all__ = ["DOC_ROUTE_NAMES", "ENDPOINTS", "create_app"]
+
+
+def _self_url(settings: Settings) -> str:
+    host = "127.0.0.1" if settings.host in {"", "0.0.0.0", "::"} else settings.host
+    return f"http://{'[' + host + ']' if ':' in host else host}:{settings.port}"
+
+
+def _check_targets(settings: Settings, policy: TargetPolicy) -> None:
+    for spec in settings.instances:
+        for field, url in (("metrics_url", spec.metrics_url), ("dcgm_url", spec.dcgm_url)):
+            if url and not policy.allows(url):
+                raise ConfigError(
+                    f"instance {spec.id!r}: {field} {url} is not in allowed_targets "
+                    f"({', '.join(policy.describe())}); add its host or CIDR, or run with --dev"
+                )
+
+
+def _rule_files(rules_dir: Path | None) -> list[Path]:
+    if rules_dir is None:
+        return []
+    if not rules_dir.is_dir():
+        raise ConfigError(f"rules_dir {rules_dir} is not a directory")
+    return sorted(p for p in rules_dir.iterdir() if p.suffix in {".yaml", ".yml"})
+
+
+async def _restore_snapshots(store: Store) -> SnapshotCache:
+    """Start each instance's next window at its last stored scrape, across restarts."""
+    cache = SnapshotCache()
+    for instance_id, (url, raw) in (await store.last_snapshots()).items():
+        try:
+            cache.restore(instance_id, url, RawSnapshot.model_validate_json(raw))
+        except ValueError:
+            log.warning("ignoring an unreadable stored snapshot of %s", instance_id)
+    return cache
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the agent's application; resources open on startup and close on cleanup."""
+    policy = TargetPolicy.from_entries(settings.allowed_targets, allow_any=settings.dev)
+    _check_targets(settings, policy)
+    rule_files = _rule_files(settings.rules_dir)
+    demo: DemoFleet | None = None
+    if settings.demo_fleet and not settings.instances:
+        demo_dir = settings.demo_fleet_dir or default_demo_dir()
+        if demo_dir.is_dir():
+            demo = DemoFleet.build(demo_dir, _self_url(settings))
+
+    app = web.Application(middlewares=[error_middleware])
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        store = await Store.open(settings.db_path)
+        scraper = Scraper(
+            policy,
+            timeout=settings.scrape_timeout,
+            max_bytes=settings.scrape_max_bytes,
+            concurrency=settings.scrape_concurrency,
+            user_agent=f"perfagent/{__version__}",
+        )
+        tasks: list[asyncio.Task[None]] = []
+        history: HistoryWriter | None = None
+        try:
+            await store.sync_config_instances(settings.instances, utc_now())
+            snapshots = await _restore_snapshots(store)
+            history = HistoryWriter(
+                store,
+                flush_interval=settings.history_flush_interval,
+                retention=timedelta(days=settings.retention_days),
+            )
+            poller = Poller(scraper, snapshots, history, settings.polling_interval)
+            agent = Agent(
+                settings=settings,
+                store=store,
+                scraper=scraper,
+                demo=demo,
+                snapshots=snapshots,
+                history=history,
+                poller=poller,
+            )
+            app[AGENT] = agent
+            app[REGISTRY] = build_registry(agent)
+            watched = await agent.instances()
+            log.info(
+                "perfagent %s started",
+                __version__,
+                extra={
+                    "db": str(settings.db_path.resolve())
+                    if str(settings.db_path) != ":memory:"
+                    else ":memory:",
+                    "instances": [f"{i.id} ({i.engine.value}, {i.source.value})" for i in watched],
+                    "rules_dir": str(settings.rules_dir) if settings.rules_dir else None,
+                    "rule_files": [p.name for p in rule_files],
+                    "allowed_targets": policy.describe(),
+                    "polling_interval": settings.polling_interval,
+                },
+            )
+            if policy.allow_any:
+                log.warning("any target may be fetched (dev mode or allowed_targets '*'): not for production")
+            if demo is not None:
+                log.info(
+                    "no instance configured: serving %d bundled captures as a demo fleet", len(demo.instances)
+                )
+            tasks.append(asyncio.create_task(history.run(), name="history-writer"))
+            tasks.append(asyncio.create_task(poller.run(agent.instances), name="poller"))
+            yield
+        finally:
+            for task in reversed(tasks):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if history is not None:
+                # SIGTERM and normal shutdown: what was scraped is written before the file closes.
+                await history.flush()
+            await scraper.close()
+            await store.close()
+
+    app.cleanup_ctx.append(resources)
+    add_endpoints(app, ENDPOINTS)
+    document = build_openapi(ENDPOINTS, title="perfagent", version=__version__)
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    app.router.add_get("/openapi.json", openapi, name="openapi")
+
+    async def own_metrics(request: web.Request) -> web.StreamResponse:
+        # The handler is built per request from the app's own registry: no global registry is used.
+        handler = make_aiohttp_handler(request.app[REGISTRY])
+        return await handler(request)
+
+    app.router.add_get("/metrics", own_metrics, name="agent-metrics")
+    setup_docs(
+        app,
+        openapi_url="/openapi.json",
+        title="perfagent API",
+        redoc_dirs=[settings.redoc_dir] if settings.redoc_dir else [],
+    )
+    if demo is not None:
+        demo.setup_routes(app)
+    return app
