@@ -146,3 +146,12 @@ def test_cli_stops_on_a_target_outside_allowed_targets(tmp_path: Path) -> None:
     result = _cli("serve", "--config", str(config), "--db", str(tmp_path / "x.duckdb"))
     assert result.returncode == 2
     assert "far" in result.stderr and "allowed_targets" in result.stderr
+
+
+def test_every_catalog_quantity_is_documented_in_the_readme() -> None:
+    from perfagent.catalog import QUANTITIES
+
+    readme = README.read_text()
+    section = readme[readme.index("## Normalized quantities") : readme.index("## Engines and versions")]
+    for quantity in QUANTITIES:
+        assert re.search(rf"^\| `{quantity.name}` \| {quantity.unit.value} \|", section, re.M), quantity.name
