@@ -35,8 +35,9 @@ system-deps:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
+# Dev mode and a 10 s poll, so the built-in simulated fleet shows history within a minute.
 run: setup
-	$(BIN)/perfagent serve --dev
+	PERFAGENT_POLLING_INTERVAL=$${PERFAGENT_POLLING_INTERVAL:-10} $(BIN)/perfagent serve --dev
 
 lint: setup
 	$(BIN)/ruff check .

@@ -19,7 +19,7 @@ from perfagent.api import config, health, history, instances, metrics
 from perfagent.clock import utc_now
 from perfagent.collect import SnapshotCache
 from perfagent.context import AGENT, Agent
-from perfagent.demo import DemoFleet, default_demo_dir
+from perfagent.demo import DemoFleet, SimDemo, default_demo_dir
 from perfagent.docs import DOC_ROUTE_NAMES, setup_docs
 from perfagent.errors import ConfigError
 from perfagent.export import build_registry
@@ -88,11 +88,14 @@ def create_app(settings: Settings) -> web.Application:
     policy = TargetPolicy.from_entries(settings.allowed_targets, allow_any=settings.dev)
     _check_targets(settings, policy)
     rule_files = _rule_files(settings.rules_dir)
-    demo: DemoFleet | None = None
-    if settings.demo_fleet and not settings.instances:
+    demo: DemoFleet | SimDemo | None = None
+    if not settings.instances and settings.demo_fleet == "sim":
+        demo = SimDemo.build(settings.demo_fleet_size, _self_url(settings))
+    elif not settings.instances and settings.demo_fleet == "captures":
         demo_dir = settings.demo_fleet_dir or default_demo_dir()
-        if demo_dir.is_dir():
-            demo = DemoFleet.build(demo_dir, _self_url(settings))
+        if not demo_dir.is_dir():
+            raise ConfigError(f"demo_fleet_dir {demo_dir} is not a directory")
+        demo = DemoFleet.build(demo_dir, _self_url(settings))
 
     app = web.Application(middlewares=[error_middleware])
 
@@ -146,7 +149,9 @@ def create_app(settings: Settings) -> web.Application:
                 log.warning("any target may be fetched (dev mode or allowed_targets '*'): not for production")
             if demo is not None:
                 log.info(
-                    "no instance configured: serving %d bundled captures as a demo fleet", len(demo.instances)
+                    "no instance configured: serving a demo fleet of %d %s",
+                    len(demo.instances),
+                    "simulated instances under /sim" if isinstance(demo, SimDemo) else "bundled captures",
                 )
             tasks.append(asyncio.create_task(history.run(), name="history-writer"))
             tasks.append(asyncio.create_task(poller.run(agent.instances), name="poller"))

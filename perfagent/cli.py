@@ -1,4 +1,4 @@
-"""`perfagent` command line: `serve`, `history` (and `--version`)."""
+"""`perfagent` command line: `serve`, `history`, `sim` (and `--version`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from aiohttp import web
 
 from perfagent import __version__, history_cli
 from perfagent.errors import ConfigError
+from perfagent.sim import cli as sim_cli
 
 log = logging.getLogger("perfagent")
 
@@ -30,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         "--dev", action="store_true", default=None, help="development mode: allow any scrape target"
     )
     history_cli.add_parser(commands)
+    sim_cli.add_parser(commands)
     return parser
 
 
@@ -56,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "history":
         return history_cli.run(args)
+    if args.command == "sim":
+        return sim_cli.run(args)
     return 2  # argparse rejects unknown commands before this
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from perfagent.collect import SnapshotCache
-from perfagent.demo import DemoFleet
+from perfagent.demo import DemoFleet, SimDemo
 from perfagent.history import HistoryWriter
 from perfagent.models import Instance
 from perfagent.poller import Poller
@@ -22,7 +22,7 @@ class Agent:
     settings: Settings
     store: Store
     scraper: Scraper
-    demo: DemoFleet | None
+    demo: DemoFleet | SimDemo | None
     snapshots: SnapshotCache
     history: HistoryWriter
     poller: Poller

@@ -1,5 +1,5 @@
-"""The demo fleet: with no instance configured, the agent serves the bundled real captures as live
-instances on its own port, so every endpoint answers with real data on a fresh machine."""
+"""Demo fleets: with no instance configured, the agent serves a fleet on its own port so every endpoint
+answers with live data on a fresh machine: the simulated fleet (default) or the bundled real captures."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ from aiohttp import web
 
 from perfagent.clock import utc_now
 from perfagent.models import EngineName, Instance, InstanceSource
+from perfagent.sim.fleet import SimFleet
+
+SIM_PREFIX = "/sim"
+# The default demo's load per instance, round-robin: most instances healthy, a few in trouble on
+# purpose, so a newcomer sees findings within a minute.
+SIM_SCENARIOS = ("steady", "steady", "steady", "overload", "steady", "long_prompts_no_reuse")
 
 DEMO_PATH = "/demo/{name}/metrics"
 
@@ -87,3 +93,33 @@ class DemoFleet:
             )
 
         app.router.add_get(DEMO_PATH, serve, name="demo-metrics")
+
+
+@dataclass(frozen=True, slots=True)
+class SimDemo:
+    """A mixed simulated fleet on the agent's own port, under /sim (its control API included)."""
+
+    fleet: SimFleet
+    instances: tuple[Instance, ...]
+
+    @classmethod
+    def build(cls, size: int, base_url: str, *, seed: int = 0) -> SimDemo:
+        fleet = SimFleet("mixed", size, seed=seed, clock="real")
+        for i, instance_id in enumerate(fleet.instances):
+            fleet.set_load({"scenario": SIM_SCENARIOS[i % len(SIM_SCENARIOS)]}, ids=[instance_id])
+        now = utc_now()
+        instances = tuple(
+            Instance(
+                id=sim.id,
+                engine=EngineName(sim.engine),
+                metrics_url=f"{base_url}{SIM_PREFIX}/instances/{sim.id}/metrics",
+                labels={"simulated": "true", "deployment_group": f"sim-{sim.engine}"},
+                source=InstanceSource.SIMULATOR,
+                created_at=now,
+            )
+            for sim in fleet.instances.values()
+        )
+        return cls(fleet=fleet, instances=instances)
+
+    def setup_routes(self, app: web.Application) -> None:
+        app.add_subapp(SIM_PREFIX, self.fleet.app())

@@ -28,7 +28,8 @@ class EngineName(StrEnum):
 class InstanceSource(StrEnum):
     CONFIG = "config"  # listed in the config file
     API = "api"  # added with POST /instances
-    DEMO = "demo"  # the bundled captures served when nothing is configured
+    DEMO = "demo"  # the bundled captures, served when nothing is configured and demo_fleet is captures
+    SIMULATOR = "simulator"  # the built-in simulated fleet, served when nothing is configured
 
 
 class _Strict(BaseModel):

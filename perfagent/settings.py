@@ -51,9 +51,12 @@ class Settings(BaseSettings):
         description="Hosts and CIDRs the agent may fetch from; `*` allows any.",
     )
     dev: bool = Field(False, description="Development mode: allow any target and say so at start-up.")
-    demo_fleet: bool = Field(
-        True, description="With no instance configured, serve the bundled real captures as live instances."
+    demo_fleet: Literal["sim", "captures", "off"] = Field(
+        "sim",
+        description="With no instance configured: serve a simulated fleet (`sim`), the bundled real captures "
+        "(`captures`), or nothing (`off`).",
     )
+    demo_fleet_size: int = Field(6, ge=1, le=100, description="Instances of the simulated demo fleet.")
     demo_fleet_dir: Path | None = Field(
         None, description="Directory of captures for the demo fleet (default: the checkout's tests/fixtures)."
     )

@@ -96,7 +96,7 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
     def build(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "db_path": tmp_path / "agent.duckdb",
-            "demo_fleet": False,
+            "demo_fleet": "off",
             "scrape_timeout": 2.0,
         }
         values.update(overrides)

@@ -14,7 +14,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.test_serve import _get, serving
 
-FAST = {"PERFAGENT_POLLING_INTERVAL": "0.2", "PERFAGENT_HISTORY_FLUSH_INTERVAL": "0.3"}
+# The captures demo fleet: six instances served by the agent itself, nothing else to start.
+FAST = {
+    "PERFAGENT_DEMO_FLEET": "captures",
+    "PERFAGENT_POLLING_INTERVAL": "0.2",
+    "PERFAGENT_HISTORY_FLUSH_INTERVAL": "0.3",
+}
 
 
 def _stored(db: Path) -> int:
@@ -54,7 +59,7 @@ def test_sigkill_keeps_everything_acknowledged_and_restarts_on_the_same_file(tmp
 
 def test_sigkill_loses_only_the_unwritten_batch_and_sigterm_flushes(tmp_path: Path) -> None:
     # With a flush interval far longer than the run, every scrape stays in the batch in flight.
-    slow_flush = {"PERFAGENT_POLLING_INTERVAL": "0.2", "PERFAGENT_HISTORY_FLUSH_INTERVAL": "3600"}
+    slow_flush = {**FAST, "PERFAGENT_HISTORY_FLUSH_INTERVAL": "3600"}
     with serving(tmp_path, env=slow_flush) as (_, process):
         time.sleep(1.0)
         process.send_signal(signal.SIGKILL)

@@ -11,16 +11,16 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-import tests.browser as browser
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from tests.browser import dump_dom, in_ci, require_chromium
 from openapi_spec_validator import validate
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 import perfagent.docs
+import tests.browser as browser
 from perfagent.docs import DOC_ROUTE_NAMES, REDOC_BUNDLE_NAME, find_redoc_bundle, setup_docs
+from tests.browser import dump_dom, in_ci, require_chromium
 
 Client = TestClient[web.Request, web.Application]
 

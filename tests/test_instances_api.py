@@ -92,7 +92,7 @@ async def test_config_instances_are_listed_and_not_deletable(
 async def test_demo_fleet_when_nothing_is_configured(
     aiohttp_client: Any, make_settings: Callable[..., Settings]
 ) -> None:
-    client = await aiohttp_client(create_app(make_settings(demo_fleet=True)))
+    client = await aiohttp_client(create_app(make_settings(demo_fleet="captures")))
     listed = await (await client.get("/api/v1/instances")).json()
     assert {i["source"] for i in listed} == {"demo"}
     assert {i["engine"] for i in listed} == {"vllm", "tgi", "sglang"}

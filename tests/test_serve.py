@@ -78,8 +78,34 @@ def _post(url: str, body: dict[str, Any]) -> Any:
         return json.loads(response.read())
 
 
-def test_dev_serve_with_demo_fleet_and_clean_sigterm(tmp_path: Path) -> None:
-    with serving(tmp_path, "--dev") as (base, process):
+def test_default_serve_runs_a_simulated_fleet(tmp_path: Path) -> None:
+    """`make run`'s defaults: a mixed simulated fleet, polled, with history, live from the start."""
+    with serving(tmp_path, "--dev", env={"PERFAGENT_POLLING_INTERVAL": "0.5"}) as (base, process):
+        instances = _get(base + "/api/v1/instances")
+        assert {i["source"] for i in instances} == {"simulator"}
+        assert {i["engine"] for i in instances} == {"vllm", "tgi", "sglang"}
+        assert all(i["labels"]["simulated"] == "true" for i in instances)
+        sim = _get(base + "/sim/instances")
+        assert {s["id"] for s in sim["instances"]} == {i["id"] for i in instances}
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            history = _get(
+                base + "/api/v1/metrics/history?instance_id=vllm-0&since=5m&fields=requests_success_total"
+            )
+            if history["count"] >= 3 and history["points"][-1]["values"]["requests_success_total"]:
+                break
+            time.sleep(0.5)
+        assert history["count"] >= 3
+        assert all(p["ok"] for p in history["points"])
+        assert history["points"][-1]["values"]["requests_success_total"] > 0  # the simulator serves traffic
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
+    assert process.returncode == 0
+    assert "vllm-0 (vllm, simulator)" in agent_log(tmp_path)
+
+
+def test_dev_serve_with_the_captures_demo_fleet_and_clean_sigterm(tmp_path: Path) -> None:
+    with serving(tmp_path, "--dev", env={"PERFAGENT_DEMO_FLEET": "captures"}) as (base, process):
         instances = _get(base + "/api/v1/instances")
         assert {i["source"] for i in instances} == {"demo"}
         demo = next(i for i in instances if i["id"] == "demo-vllm-v0")
@@ -105,7 +131,7 @@ def test_dev_serve_with_demo_fleet_and_clean_sigterm(tmp_path: Path) -> None:
 
 
 def test_json_logs(tmp_path: Path) -> None:
-    with serving(tmp_path, env={"PERFAGENT_LOG_FORMAT": "json", "PERFAGENT_DEMO_FLEET": "false"}) as (
+    with serving(tmp_path, env={"PERFAGENT_LOG_FORMAT": "json", "PERFAGENT_DEMO_FLEET": "off"}) as (
         _,
         process,
     ):
