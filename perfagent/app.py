@@ -8,27 +8,32 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from perfagent import __version__
-from perfagent.api import config, health, history, instances, metrics
+from perfagent.api import analysis, config, health, history, instances, metrics, optimization
 from perfagent.clock import utc_now
 from perfagent.collect import SnapshotCache
 from perfagent.context import AGENT, Agent
 from perfagent.demo import DemoFleet, SimDemo, default_demo_dir
+from perfagent.detect import compile_rules
+from perfagent.detection import Detector
 from perfagent.docs import DOC_ROUTE_NAMES, setup_docs
 from perfagent.errors import ConfigError
 from perfagent.export import build_registry
+from perfagent.findings import FindingTracker
 from perfagent.history import HistoryWriter
 from perfagent.middleware import error_middleware
+from perfagent.models import EngineName
 from perfagent.normalize import RawSnapshot
 from perfagent.openapi import build_openapi
+from perfagent.optimizer import OptimizationsError, load_engine_optimizations
 from perfagent.poller import Poller
 from perfagent.routing import Endpoint, add_endpoints
+from perfagent.rules import load_rules
 from perfagent.scrape import Scraper
 from perfagent.settings import Settings
 from perfagent.store import Store
@@ -41,6 +46,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     *config.ENDPOINTS,
     *metrics.ENDPOINTS,
     *history.ENDPOINTS,
+    *analysis.ENDPOINTS,
+    *optimization.ENDPOINTS,
     *instances.ENDPOINTS,
 )
 
@@ -64,14 +71,6 @@ def _check_targets(settings: Settings, policy: TargetPolicy) -> None:
                 )
 
 
-def _rule_files(rules_dir: Path | None) -> list[Path]:
-    if rules_dir is None:
-        return []
-    if not rules_dir.is_dir():
-        raise ConfigError(f"rules_dir {rules_dir} is not a directory")
-    return sorted(p for p in rules_dir.iterdir() if p.suffix in {".yaml", ".yml"})
-
-
 async def _restore_snapshots(store: Store) -> SnapshotCache:
     """Start each instance's next window at its last stored scrape, across restarts."""
     cache = SnapshotCache()
@@ -87,7 +86,16 @@ def create_app(settings: Settings) -> web.Application:
     """Build the agent's application; resources open on startup and close on cleanup."""
     policy = TargetPolicy.from_entries(settings.allowed_targets, allow_any=settings.dev)
     _check_targets(settings, policy)
-    rule_files = _rule_files(settings.rules_dir)
+    if settings.rules_dir is not None and not settings.rules_dir.exists():
+        raise ConfigError(f"rules_dir {settings.rules_dir} does not exist")
+    # A bad rule file stops start-up here, naming the file, the rule and the line.
+    ruleset = load_rules([settings.rules_dir] if settings.rules_dir else [])
+    compiled = compile_rules(ruleset)
+    for engine in EngineName:
+        try:
+            load_engine_optimizations(engine.value)
+        except OptimizationsError as exc:
+            raise ConfigError(str(exc)) from exc
     demo: DemoFleet | SimDemo | None = None
     if not settings.instances and settings.demo_fleet == "sim":
         demo = SimDemo.build(settings.demo_fleet_size, _self_url(settings))
@@ -118,6 +126,8 @@ def create_app(settings: Settings) -> web.Application:
                 flush_interval=settings.history_flush_interval,
                 retention=timedelta(days=settings.retention_days),
             )
+            detector = Detector(store, compiled, FindingTracker.from_rules(compiled))
+            await detector.restore()
             poller = Poller(scraper, snapshots, history, settings.polling_interval)
             agent = Agent(
                 settings=settings,
@@ -127,7 +137,10 @@ def create_app(settings: Settings) -> web.Application:
                 snapshots=snapshots,
                 history=history,
                 poller=poller,
+                detector=detector,
+                rules=ruleset,
             )
+            poller.on_cycle = agent.detect_cycle
             app[AGENT] = agent
             app[REGISTRY] = build_registry(agent)
             watched = await agent.instances()
@@ -140,7 +153,8 @@ def create_app(settings: Settings) -> web.Application:
                     else ":memory:",
                     "instances": [f"{i.id} ({i.engine.value}, {i.source.value})" for i in watched],
                     "rules_dir": str(settings.rules_dir) if settings.rules_dir else None,
-                    "rule_files": [p.name for p in rule_files],
+                    "rules": len(ruleset),
+                    "rule_files": [str(p) for p in ruleset.files],
                     "allowed_targets": policy.describe(),
                     "polling_interval": settings.polling_interval,
                 },

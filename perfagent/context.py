@@ -7,11 +7,14 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from perfagent.clock import utc_now
 from perfagent.collect import SnapshotCache
 from perfagent.demo import DemoFleet, SimDemo
+from perfagent.detection import Detector
 from perfagent.history import HistoryWriter
 from perfagent.models import Instance
 from perfagent.poller import Poller
+from perfagent.rules import RuleSet
 from perfagent.scrape import Scraper
 from perfagent.settings import Settings
 from perfagent.store import Store
@@ -26,6 +29,8 @@ class Agent:
     snapshots: SnapshotCache
     history: HistoryWriter
     poller: Poller
+    detector: Detector
+    rules: RuleSet
     started_monotonic: float = field(default_factory=time.monotonic)
 
     async def instances(self) -> list[Instance]:
@@ -39,6 +44,14 @@ class Agent:
         if found is None and self.demo is not None:
             found = next((i for i in self.demo.instances if i.id == instance_id), None)
         return None if found is None else self._with_health(found)
+
+    async def engines(self) -> dict[str, str]:
+        return {i.id: i.engine.value for i in await self.instances()}
+
+    async def detect_cycle(self) -> None:
+        """After a poll cycle: write what was scraped, then evaluate the rules on it."""
+        await self.history.flush()
+        await self.detector.run_cycle(utc_now(), await self.engines())
 
     def _with_health(self, instance: Instance) -> Instance:
         health = self.poller.health.get(instance.id)

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from perfagent import __version__
+from perfagent.catalog import CATALOG
 from perfagent.context import Agent
 
 
@@ -80,6 +81,56 @@ class AgentCollector(Collector):
             "Scrapes waiting to be written to DuckDB.",
             value=agent.history.pending,
         )
+        yield from self._findings()
+
+    def _findings(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        detector = self._agent.detector
+        active = GaugeMetricFamily(
+            "perfagent_bottleneck_active",
+            "1 for each firing finding: a rule whose condition held for its `for` on an instance.",
+            labels=["instance", "type", "severity", "rule"],
+        )
+        value = GaugeMetricFamily(
+            "perfagent_bottleneck_value",
+            "The value a firing finding's rule read, in the catalog unit of `quantity`.",
+            labels=["instance", "rule", "quantity", "unit"],
+        )
+        threshold = GaugeMetricFamily(
+            "perfagent_bottleneck_threshold",
+            "The threshold of the severity rung a firing finding reached, in the catalog unit of `quantity`.",
+            labels=["instance", "rule", "quantity", "unit"],
+        )
+        pending = GaugeMetricFamily(
+            "perfagent_bottleneck_pending",
+            "1 for each finding whose condition holds but not yet for its rule's `for`.",
+            labels=["instance", "type", "rule"],
+        )
+        quantities = {r.name: r.source.rule.quantity for r in detector.compiled.rules}
+        for row in detector.state.iter_rows(named=True):
+            quantity = quantities.get(row["rule"], "")
+            unit = CATALOG[quantity].unit.value if quantity in CATALOG else ""
+            if row["state"] == "firing":
+                active.add_metric([row["instance_id"], row["type"], row["severity"], row["rule"]], 1.0)
+                if row["value"] is not None:
+                    value.add_metric([row["instance_id"], row["rule"], quantity, unit], row["value"])
+                if row["threshold"] is not None:
+                    threshold.add_metric([row["instance_id"], row["rule"], quantity, unit], row["threshold"])
+            else:
+                pending.add_metric([row["instance_id"], row["type"], row["rule"]], 1.0)
+        yield from (active, value, threshold, pending)
+        duration = GaugeMetricFamily(
+            "perfagent_rule_evaluation_seconds",
+            "Duration of the last evaluation of every rule over the fleet.",
+        )
+        if detector.last_seconds is not None:
+            duration.add_metric([], detector.last_seconds)
+        yield duration
+        yield CounterMetricFamily(
+            "perfagent_rule_evaluations",
+            "Evaluations of the rule set over the fleet.",
+            value=detector.evaluations,
+        )
+        yield GaugeMetricFamily("perfagent_rules", "Rules loaded.", value=len(detector.compiled.rules))
 
 
 def build_registry(agent: Agent) -> CollectorRegistry:

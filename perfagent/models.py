@@ -287,3 +287,91 @@ class HistoryResponse(BaseModel):
     count: int
     truncated: bool
     points: list[HistoryPoint]
+
+
+# ---- analysis ---------------------------------------------------------------------------------
+
+
+class DetectRequest(_Strict):
+    instance_id: InstanceId
+    instance_type: EngineName | None = Field(
+        None,
+        description="The engine; taken from the stored instance when omitted. Engine-specific rules need it.",
+    )
+    metrics: dict[str, Any] | None = Field(
+        None,
+        description="Metrics to analyse, as POST /metrics/collect returns them (request_metrics, gpu_metrics, "
+        "throughput_metrics, cache_metrics, latency, quantities) or as flat catalog quantities. Without it, "
+        "the instance's stored history is analysed.",
+    )
+
+
+class Evidence(BaseModel):
+    source: Literal["metrics", "history"]
+    window_start: datetime | None
+    window_end: datetime
+
+
+class Bottleneck(BaseModel):
+    type: str
+    severity: str
+    description: str
+    metric_name: str = Field(description="The catalog quantity the rule reads.")
+    current_value: float | None = Field(description="In the quantity's catalog unit (ratios 0-1).")
+    threshold_value: float | None
+    recommendation: str
+    detected_at: datetime
+    rule: str
+    unit: str
+    summary: str
+    evidence: Evidence
+
+
+class InsufficientData(BaseModel):
+    rule: str
+    quantity: str
+    reason: str
+
+
+class DetectResponse(BaseModel):
+    instance_id: str
+    bottlenecks: list[Bottleneck]
+    analysis_timestamp: datetime
+    insufficient_data: list[InsufficientData] = Field(
+        description="Rules that could not be evaluated for lack of data; never reported as bottlenecks."
+    )
+    rules_evaluated: int
+
+
+class FindingsQuery(_Strict):
+    instance_id: str | None = None
+    type: str | None = Field(None, description="Bottleneck type, e.g. MEMORY_PRESSURE.")
+    severity: str | None = Field(None, description="LOW, MEDIUM, HIGH or CRITICAL (the current severity).")
+    active: bool | None = Field(None, description="true: still firing; false: resolved.")
+    since: str | None = Field(None, description="Findings seen at or after this time (ISO 8601 or e.g. 6h).")
+    until: str | None = Field(None, description="Findings that fired at or before this time.")
+    limit: int = Field(200, ge=1, le=10_000)
+
+
+class Finding(BaseModel):
+    instance_id: str
+    rule: str
+    engine: str | None
+    type: str
+    severity: str
+    max_severity: str
+    value: float | None
+    threshold: float | None
+    summary: str | None
+    description: str | None
+    recommendation: str | None
+    first_seen: datetime = Field(description="When the condition started to hold (before `for`).")
+    fired_at: datetime | None
+    last_seen: datetime | None
+    resolved_at: datetime | None
+    active: bool
+
+
+class FindingsResponse(BaseModel):
+    findings: list[Finding]
+    count: int

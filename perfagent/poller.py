@@ -37,9 +37,12 @@ class Poller:
     snapshots: SnapshotCache
     history: HistoryWriter
     interval: float
+    # Called once the scrapes a tick started have finished (rule evaluation); never overlapped.
+    on_cycle: Callable[[], Awaitable[None]] | None = None
     health: dict[str, ScrapeHealth] = field(default_factory=dict)
     stats: PollerStats = field(default_factory=PollerStats)
     _inflight: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _cycle: asyncio.Task[None] | None = None
 
     async def run(self, instances: Callable[[], Awaitable[list[Instance]]]) -> None:
         """Tick forever at a fixed rate (not fixed delay) until cancelled."""
@@ -49,11 +52,16 @@ class Poller:
             while True:
                 self.stats.ticks += 1
                 self.stats.last_tick_at = time.monotonic()
+                started: list[asyncio.Task[None]] = []
                 try:
                     for instance in await instances():
-                        self._start(instance)
+                        task = self._start(instance)
+                        if task is not None:
+                            started.append(task)
                 except PerfAgentError as exc:
                     log.warning("cannot list instances: %s", exc.message)
+                if self.on_cycle is not None and (self._cycle is None or self._cycle.done()):
+                    self._cycle = asyncio.create_task(self._finish_cycle(started), name="poll-cycle")
                 next_tick += self.interval
                 now = loop.time()
                 if next_tick < now:  # the loop itself fell behind: skip, do not burst
@@ -62,16 +70,28 @@ class Poller:
                     next_tick += behind * self.interval
                 await asyncio.sleep(next_tick - now)
         finally:
-            for task in self._inflight.values():
+            pending = [*self._inflight.values(), *([self._cycle] if self._cycle else [])]
+            for task in pending:
                 task.cancel()
-            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+            await asyncio.gather(*pending, return_exceptions=True)
 
-    def _start(self, instance: Instance) -> None:
+    async def _finish_cycle(self, tasks: list[asyncio.Task[None]]) -> None:
+        if tasks:
+            await asyncio.wait(tasks)  # each scrape is bounded by scrape_timeout
+        assert self.on_cycle is not None
+        try:
+            await self.on_cycle()
+        except Exception:  # evaluation failing must not stop polling; the log says why
+            log.exception("evaluation after the poll cycle failed")
+
+    def _start(self, instance: Instance) -> asyncio.Task[None] | None:
         running = self._inflight.get(instance.id)
         if running is not None and not running.done():
             self.stats.skipped += 1
-            return
-        self._inflight[instance.id] = asyncio.create_task(self.poll(instance), name=f"poll-{instance.id}")
+            return None
+        task = asyncio.create_task(self.poll(instance), name=f"poll-{instance.id}")
+        self._inflight[instance.id] = task
+        return task
 
     async def poll(self, instance: Instance) -> None:
         """Scrape one instance, record its health and queue its history record."""

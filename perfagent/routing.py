@@ -80,8 +80,15 @@ def _allowed_values(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[
     if info.annotation is None:
         return None
     schema = TypeAdapter(info.annotation).json_schema()
-    values = schema.get("enum")
-    return [str(v) for v in values] if isinstance(values, list) else None
+    # An optional enum is `anyOf: [{$ref to the enum}, {type: null}]`: look through the alternatives.
+    defs = schema.get("$defs", {})
+    for option in [schema, *schema.get("anyOf", [])]:
+        if "$ref" in option:
+            option = defs.get(option["$ref"].rsplit("/", 1)[-1], {})
+        values = option.get("enum")
+        if isinstance(values, list):
+            return [str(v) for v in values]
+    return None
 
 
 async def read_body(request: web.Request, model: type[M]) -> M:

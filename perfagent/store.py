@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +15,7 @@ import duckdb
 import polars as pl
 
 from perfagent.errors import ConfigError, ServiceUnavailableError
+from perfagent.findings import STATE_SCHEMA, Step
 from perfagent.history import QUANTITY_COLUMNS, SCRAPE_SCHEMA
 from perfagent.models import EngineName, Instance, InstanceSource, InstanceSpec
 
@@ -32,6 +33,18 @@ CREATE TABLE IF NOT EXISTS instances (
     labels JSON NOT NULL,
     source VARCHAR NOT NULL,
     created_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS finding_state (
+    instance_id VARCHAR NOT NULL, rule VARCHAR NOT NULL, state VARCHAR NOT NULL, engine VARCHAR,
+    type VARCHAR, severity VARCHAR, value DOUBLE, threshold DOUBLE, summary VARCHAR, description VARCHAR,
+    recommendation VARCHAR, first_seen TIMESTAMPTZ, fired_at TIMESTAMPTZ, last_seen TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS findings (
+    instance_id VARCHAR NOT NULL, rule VARCHAR NOT NULL, first_seen TIMESTAMPTZ NOT NULL,
+    engine VARCHAR, type VARCHAR, severity VARCHAR, max_severity VARCHAR, value DOUBLE, threshold DOUBLE,
+    summary VARCHAR, description VARCHAR, recommendation VARCHAR,
+    fired_at TIMESTAMPTZ, last_seen TIMESTAMPTZ, resolved_at TIMESTAMPTZ,
+    PRIMARY KEY (instance_id, rule, first_seen)
 );
 CREATE TABLE IF NOT EXISTS samples (
     instance_id VARCHAR NOT NULL,
@@ -256,6 +269,96 @@ class Store:
             return (int(scrapes[0]) if scrapes else 0, int(samples[0]) if samples else 0)
 
         return await self._run(_delete)
+
+    # ---- findings -----------------------------------------------------------------------------
+
+    async def recent_scrapes(
+        self, since: datetime, until: datetime, quantities: Iterable[str], instance_id: str | None = None
+    ) -> pl.DataFrame:
+        """Successful scrapes in (since, until], in time order, with the given quantity columns."""
+        columns = ", ".join(f'"{q}"' for q in sorted(quantities) if q in QUANTITY_COLUMNS)
+
+        def _query() -> pl.DataFrame:
+            sql = (
+                f"SELECT instance_id, ts{', ' + columns if columns else ''} FROM scrapes "
+                "WHERE ok AND ts > ? AND ts <= ?"
+                + (" AND instance_id = ?" if instance_id else "")
+                + " ORDER BY ts"
+            )
+            params: list[Any] = [since, until] + ([instance_id] if instance_id else [])
+            frame = pl.from_arrow(self._db().sql(sql, params=params).to_arrow_table())
+            assert isinstance(frame, pl.DataFrame)
+            return frame.with_columns(pl.col("ts").dt.convert_time_zone("UTC"))
+
+        return await self._run(_query)
+
+    async def load_finding_state(self) -> pl.DataFrame:
+        def _query() -> pl.DataFrame:
+            frame = pl.from_arrow(self._db().sql("SELECT * FROM finding_state").to_arrow_table())
+            assert isinstance(frame, pl.DataFrame)
+            return frame.with_columns(
+                pl.col(c).dt.convert_time_zone("UTC") for c in ("first_seen", "fired_at", "last_seen")
+            ).cast(dict(STATE_SCHEMA))  # type: ignore[arg-type]
+
+        return await self._run(_query)
+
+    async def save_findings(self, step: Step) -> None:
+        """Replace the state, upsert firing episodes, close resolved ones: one transaction."""
+        firing = step.state.filter(pl.col("state") == "firing")
+        resolved = step.transitions.filter(pl.col("kind") == "resolved")
+
+        def _save() -> None:
+            db = self._db()
+            db.execute("BEGIN")
+            try:
+                db.execute("DELETE FROM finding_state")
+                if step.state.height:
+                    db.register("new_state", step.state.to_arrow())
+                    db.execute("INSERT INTO finding_state BY NAME SELECT * FROM new_state")
+                if firing.height:
+                    db.register("firing", firing.to_arrow())
+                    db.execute(
+                        "INSERT INTO findings BY NAME SELECT instance_id, rule, first_seen, engine, type, severity, "
+                        "severity AS max_severity, value, threshold, summary, description, recommendation, "
+                        "fired_at, last_seen FROM firing ON CONFLICT DO UPDATE SET severity = excluded.severity, "
+                        "value = excluded.value, threshold = excluded.threshold, last_seen = excluded.last_seen, "
+                        "description = excluded.description, max_severity = CASE WHEN "
+                        + _SEVERITY_ORDER.format("excluded.severity")
+                        + " > "
+                        + _SEVERITY_ORDER.format("findings.max_severity")
+                        + " THEN excluded.severity ELSE findings.max_severity END"
+                    )
+                if resolved.height:
+                    db.register("resolved", resolved.to_arrow())
+                    db.execute(
+                        "UPDATE findings SET resolved_at = r.resolved_at, last_seen = r.last_seen FROM resolved r "
+                        "WHERE findings.instance_id = r.instance_id AND findings.rule = r.rule "
+                        "AND findings.first_seen = r.first_seen"
+                    )
+                db.execute("COMMIT")
+            except Exception:
+                db.execute("ROLLBACK")
+                raise
+            finally:
+                for name in ("new_state", "firing", "resolved"):
+                    db.unregister(name)
+
+        await self._run(_save)
+
+    async def findings(self, where: Sequence[str], params: Sequence[Any], limit: int) -> pl.DataFrame:
+        """Stored finding episodes matching SQL predicates over the findings table, newest first."""
+
+        def _query() -> pl.DataFrame:
+            sql = "SELECT * FROM findings" + (" WHERE " + " AND ".join(where) if where else "")
+            sql += " ORDER BY fired_at DESC, instance_id, rule LIMIT ?"
+            frame = pl.from_arrow(self._db().sql(sql, params=[*params, limit]).to_arrow_table())
+            assert isinstance(frame, pl.DataFrame)
+            return frame
+
+        return await self._run(_query)
+
+
+_SEVERITY_ORDER = "list_position(['LOW', 'MEDIUM', 'HIGH', 'CRITICAL'], {})"
 
 
 def _row(spec: InstanceSpec, source: InstanceSource, at: datetime) -> list[Any]:

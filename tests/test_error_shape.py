@@ -45,7 +45,7 @@ async def test_every_route_fails_with_the_envelope(agent: Client, endpoint: Endp
 
 
 async def test_unknown_route_is_not_found(agent: Client) -> None:
-    response = await agent.get("/api/v1/analysis/detect-bottlenecks")  # arrives with Detection 1
+    response = await agent.get("/api/v1/workflows")  # arrives with Workflows 1
     assert response.status == 404
     assert_envelope(await response.json(), 404, "NOT_FOUND")
 

@@ -47,7 +47,19 @@ async def get_capabilities(request: web.Request) -> web.Response:
     return json_response(
         CapabilitiesResponse(
             # Optimizers and workflows are listed once they exist; an empty list is the honest answer.
-            capabilities=CapabilitySet(collectors=[e.value for e in EngineName], optimizers=[], workflows=[]),
+            capabilities=CapabilitySet(
+                collectors=[e.value for e in EngineName],
+                optimizers=[
+                    "quantization",
+                    "kv_cache",
+                    "batching",
+                    "speculative_decoding",
+                    "prefix_caching",
+                    "scheduling",
+                    "scale_out",
+                ],
+                workflows=[],
+            ),
             supported_metrics=SUPPORTED_METRICS,
             quantities=[
                 QuantityInfo(name=q.name, unit=q.unit, description=q.description) for q in QUANTITIES

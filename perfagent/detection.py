@@ -1,0 +1,80 @@
+"""Detection as a service: after every poll cycle, evaluate the rules over the fleet's stored history,
+fold the result into the findings' `for`/`keep_firing_for` state, and persist both in DuckDB.
+
+The pure parts live in `detect` (evaluation) and `findings` (the state machine); this module only
+loads their inputs and stores their outputs, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import polars as pl
+
+from perfagent.detect import CompiledRules, Evaluation, evaluate
+from perfagent.findings import FindingTracker, Step
+from perfagent.store import Store
+
+log = logging.getLogger("perfagent.detection")
+
+
+def with_engines(frame: pl.DataFrame, engines: Mapping[str, str]) -> pl.DataFrame:
+    """Scrape rows carry no engine; rules filter on it, so join it from the instance list."""
+    lookup = pl.DataFrame(
+        {"instance_id": list(engines), "engine": list(engines.values())},
+        schema={"instance_id": pl.String, "engine": pl.String},
+    )
+    return frame.join(lookup, on="instance_id", how="left")
+
+
+@dataclass(slots=True)
+class Detector:
+    store: Store
+    compiled: CompiledRules
+    tracker: FindingTracker
+    state: pl.DataFrame = field(default_factory=FindingTracker.empty_state)
+    evaluations: int = 0
+    last_seconds: float | None = None
+    last_at: datetime | None = None
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def restore(self) -> None:
+        """Resume the findings' state from the store, so `for` timers survive restarts."""
+        self.state = await self.store.load_finding_state()
+
+    async def evaluate_history(
+        self, at: datetime, engines: Mapping[str, str], instance_id: str | None = None
+    ) -> Evaluation:
+        """Evaluate every rule at `at` over the stored scrapes of the rules' widest window."""
+        frame = await self.store.recent_scrapes(
+            at - self.compiled.max_window, at, self.compiled.quantities, instance_id
+        )
+        return await asyncio.to_thread(evaluate, self.compiled, with_engines(frame, engines), at)
+
+    async def run_cycle(self, at: datetime, engines: Mapping[str, str]) -> Step:
+        """One evaluation of the whole fleet, folded into the persisted findings."""
+        async with self._lock:  # cycles never overlap: each one reads the state the last one wrote
+            started = time.perf_counter()
+            evaluation = await self.evaluate_history(at, engines)
+            step = self.tracker.advance(self.state, evaluation.results, at)
+            await self.store.save_findings(step)
+            self.state = step.state
+            self.evaluations += 1
+            self.last_seconds = time.perf_counter() - started
+            self.last_at = at
+            fired = step.transitions.filter(pl.col("kind") == "fired")
+            for row in fired.iter_rows(named=True):
+                log.info(
+                    "finding fired: %s on %s (%s %s)",
+                    row["rule"],
+                    row["instance_id"],
+                    row["type"],
+                    row["severity"],
+                    extra={"value": row["value"], "threshold": row["threshold"]},
+                )
+            return step
