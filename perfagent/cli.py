@@ -1,4 +1,4 @@
-"""`perfagent` command line: `serve`, `history`, `sim` (and `--version`)."""
+"""`perfagent` command line: `serve`, `history`, `sim`, `rules` (and `--version`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from perfagent import __version__, history_cli
+from perfagent import __version__, history_cli, rules_cli
 from perfagent.errors import ConfigError
 from perfagent.sim import cli as sim_cli
 
@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     history_cli.add_parser(commands)
     sim_cli.add_parser(commands)
+    rules_cli.add_parser(commands)
     return parser
 
 
@@ -60,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return history_cli.run(args)
     if args.command == "sim":
         return sim_cli.run(args)
+    if args.command == "rules":
+        return rules_cli.run(args)
     return 2  # argparse rejects unknown commands before this
 
 

@@ -155,3 +155,29 @@ def test_every_catalog_quantity_is_documented_in_the_readme() -> None:
     section = readme[readme.index("## Normalized quantities") : readme.index("## Engines and versions")]
     for quantity in QUANTITIES:
         assert re.search(rf"^\| `{quantity.name}` \| {quantity.unit.value} \|", section, re.M), quantity.name
+
+
+BAD_RULE = """groups:
+  - name: x
+    rules:
+      - name: TooFast
+        type: HIGH_LATENCY
+        quantity: ttft_secs
+        op: ">"
+        thresholds: {LOW: 1}
+        recommendation: none
+"""
+
+
+def test_cli_rules_check_and_a_bad_rule_stops_start_up(tmp_path: Path) -> None:
+    good = _cli("rules", "check", str(Path(__file__).parent.parent / "rules"))
+    assert good.returncode == 0, good.stdout + good.stderr
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "bad.yaml").write_text(BAD_RULE)
+    checked = _cli("rules", "check", str(rules))
+    assert checked.returncode != 0
+    assert f"{rules / 'bad.yaml'}:6: rule 'TooFast'" in checked.stdout + checked.stderr
+    served = _cli("serve", "--rules", str(rules), "--db", str(tmp_path / "x.duckdb"))
+    assert served.returncode == 2
+    assert "ttft_secs" in served.stderr and "bad.yaml:6" in served.stderr
