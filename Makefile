@@ -53,6 +53,7 @@ test: lint typecheck pytest
 
 bench: setup
 	$(BIN)/python benchmarks/parse.py
+	$(BIN)/python benchmarks/detect.py
 
 clean:
 	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis
