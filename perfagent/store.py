@@ -127,7 +127,16 @@ class Store:
         if self._closed and fn.__name__ != "_close":
             raise ServiceUnavailableError("database is closed", {"dependency": "database"})
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        return await loop.run_in_executor(self._executor, self._finished, fn, *args)
+
+    def _finished(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn`, then finish any result it left half-read (a `fetchone()`): DuckDB 2.0 refuses
+        the next query on a connection with an unfinished result."""
+        try:
+            return fn(*args)
+        finally:
+            if self._conn is not None:
+                self._conn.complete()
 
     def _db(self) -> duckdb.DuckDBPyConnection:
         if self._conn is None:

@@ -1,0 +1,27 @@
+"""The DuckDB store: operations follow one another on its one connection without interfering."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from perfagent.models import EngineName, InstanceSource, InstanceSpec
+from perfagent.store import Store
+
+
+async def test_a_half_read_result_does_not_block_the_next_query(tmp_path: Path) -> None:
+    """DuckDB 2.0 refuses a query while an earlier `execute()` result is unfinished; an existence
+    check reads one row only, so the store must finish it (a 500 on /analysis/findings before)."""
+    store = await Store.open(tmp_path / "s.duckdb")
+    try:
+        spec = InstanceSpec(id="a", engine=EngineName.VLLM, metrics_url="http://127.0.0.1:1/metrics")
+        now = datetime.now(UTC)
+        assert await store.insert_instance(spec, InstanceSource.API, now)
+        assert not await store.insert_instance(spec, InstanceSource.API, now)  # the one-row check
+        assert (await store.findings([], [], 10)).height == 0
+        assert (await store.history("a", now - timedelta(hours=1), now, ["requests_running"])).height == 0
+        assert await store.delete_instance("a")
+        await store.ping()
+        assert await store.list_instances() == []
+    finally:
+        await store.close()
