@@ -99,6 +99,38 @@ class PerformanceAgentClient:
         }
         return dict(self._call("GET", "/metrics/history", query=query))
 
+    # analysis and optimization
+    def detect_bottlenecks(
+        self, instance_id: str, metrics: dict[str, Any] | None = None, *, instance_type: str | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"instance_id": instance_id}
+        if metrics is not None:
+            body["metrics"] = metrics
+        if instance_type is not None:
+            body["instance_type"] = instance_type
+        return dict(self._call("POST", "/analysis/detect-bottlenecks", body))
+
+    def findings(self, **filters: Any) -> dict[str, Any]:
+        """Filters: instance_id, type, severity, active (bool), since, until, limit."""
+        query = {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in filters.items()}
+        return dict(self._call("GET", "/analysis/findings", query=query))
+
+    def recommend(
+        self,
+        instance_id: str,
+        instance_type: str,
+        bottlenecks: list[dict[str, Any]],
+        current_config: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "instance_id": instance_id,
+            "instance_type": instance_type,
+            "bottlenecks": bottlenecks,
+        }
+        if current_config is not None:
+            body["current_config"] = current_config
+        return dict(self._call("POST", "/optimization/recommend", body))
+
     # instances
     def list_instances(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/instances"))

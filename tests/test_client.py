@@ -32,6 +32,13 @@ async def test_client_methods(
     assert added["source"] == "api"
     assert [i["id"] for i in await call(client.list_instances)] == ["vllm-1"]
     assert (await call(client.get_instance, "vllm-1"))["labels"] == {"deployment_group": "g"}
+    history = await call(client.metrics_history, "vllm-1", since="1h", fields=["requests_running"])
+    assert history["points"][-1]["values"]["requests_running"] == 3  # the collection above is history
+    detected = await call(client.detect_bottlenecks, "vllm-1", metrics, instance_type="vllm")
+    assert detected["bottlenecks"] == []  # light traffic
+    assert (await call(client.findings, active=True))["findings"] == []
+    advice = await call(client.recommend, "vllm-1", "vllm", [{"type": "MEMORY_PRESSURE", "severity": "HIGH"}])
+    assert {o["type"] for o in advice["optimizations"]} >= {"KV_CACHE"}
     detailed = await call(client.health_detailed)
     assert detailed["dependencies"]["instances"] == "healthy"
     await call(client.delete_instance, "vllm-1")
