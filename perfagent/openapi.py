@@ -23,22 +23,29 @@ _ERROR_TEXT = {
 }
 
 
-def _schema_of(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
-    """JSON schema of a model or a container of models, collecting definitions into `defs`."""
+Refs = dict[tuple[type[BaseModel], str], dict[str, Any]]
+
+
+def _schema_of(tp: Any, refs: Refs, defs: dict[str, Any]) -> dict[str, Any]:
+    """JSON schema of a response: a model's ref, or a container's schema with its definitions."""
     if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return {"$ref": _REF.format(model=tp.__name__)}
-    schema = TypeAdapter(tp).json_schema(ref_template=_REF)
-    defs.update(schema.pop("$defs", {}))
+        return refs[(tp, "serialization")]
+    schema = TypeAdapter(tp).json_schema(ref_template=_REF, mode="serialization")
+    for name, definition in schema.pop("$defs", {}).items():
+        defs.setdefault(name, definition)
     return schema
 
 
-def _models(endpoints: Iterable[Endpoint]) -> list[type[BaseModel]]:
-    found: dict[str, type[BaseModel]] = {"ErrorResponse": ErrorResponse}
+def _models(endpoints: Iterable[Endpoint]) -> list[tuple[type[BaseModel], str]]:
+    """Responses are documented as serialized, request bodies as validated: pydantic names a model
+    that differs between the two `Name-Input` / `Name-Output`, so every ref comes from its map."""
+    found: dict[tuple[type[BaseModel], str], None] = {(ErrorResponse, "serialization"): None}
     for ep in endpoints:
-        for tp in (ep.response, ep.body):
-            if isinstance(tp, type) and issubclass(tp, BaseModel):
-                found[tp.__name__] = tp
-    return list(found.values())
+        if isinstance(ep.response, type) and issubclass(ep.response, BaseModel):
+            found[(ep.response, "serialization")] = None
+        if ep.body is not None:
+            found[(ep.body, "validation")] = None
+    return list(found)
 
 
 def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
@@ -58,11 +65,9 @@ def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
 
 def build_openapi(endpoints: Iterable[Endpoint], *, title: str, version: str) -> dict[str, Any]:
     endpoints = list(endpoints)
-    _, top = models_json_schema(
-        [(m, "serialization") for m in _models(endpoints)]
-        + [(ep.body, "validation") for ep in endpoints if ep.body is not None],
-        ref_template=_REF,
-    )
+    wanted = _models(endpoints)
+    keyed, top = models_json_schema(wanted, ref_template=_REF)  # type: ignore[arg-type]
+    refs: Refs = {key: dict(keyed[key]) for key in wanted}  # type: ignore[index]
     defs: dict[str, Any] = dict(top.get("$defs", {}))
     paths: dict[str, dict[str, Any]] = {}
     for ep in endpoints:
@@ -84,16 +89,16 @@ def build_openapi(endpoints: Iterable[Endpoint], *, title: str, version: str) ->
         if ep.body is not None:
             op["requestBody"] = {
                 "required": ep.body_required,
-                "content": {"application/json": {"schema": {"$ref": _REF.format(model=ep.body.__name__)}}},
+                "content": {"application/json": {"schema": refs[(ep.body, "validation")]}},
             }
         ok: dict[str, Any] = {"description": HTTPStatus(ep.status).phrase}
         if ep.response is not None:
-            ok["content"] = {"application/json": {"schema": _schema_of(ep.response, defs)}}
+            ok["content"] = {"application/json": {"schema": _schema_of(ep.response, refs, defs)}}
         responses: dict[str, Any] = {str(ep.status): ok}
         for status in sorted({*ep.errors, 500}):
             responses[str(status)] = {
                 "description": _ERROR_TEXT.get(status, HTTPStatus(status).phrase),
-                "content": {"application/json": {"schema": {"$ref": _REF.format(model="ErrorResponse")}}},
+                "content": {"application/json": {"schema": refs[(ErrorResponse, "serialization")]}},
             }
         op["responses"] = responses
         paths.setdefault(ep.full_path, {})[ep.method.lower()] = op

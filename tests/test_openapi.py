@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
+from typing import Any
+
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
@@ -17,6 +21,9 @@ async def test_document_is_valid_openapi_3_1(agent: Client) -> None:
     document = await response.json()
     assert document["openapi"] == "3.1.0"
     validate(document)  # raises on any schema violation
+    # The validator does not resolve every reference; a dangling one breaks ReDoc, so check them all.
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(document)))
+    assert refs <= set(document["components"]["schemas"]), refs - set(document["components"]["schemas"])
 
 
 async def test_document_lists_exactly_the_served_endpoints(agent: Client) -> None:
@@ -56,3 +63,17 @@ async def test_documented_examples_fields_are_in_the_schemas(agent: Client) -> N
     assert set(collect["responses"]) >= {"200", "400", "500", "503"}
     assert schemas["CollectRequest"]["properties"]["instance_type"]["$ref"].endswith("/EngineName")
     assert schemas["EngineName"]["enum"] == ["vllm", "tgi", "sglang"]
+
+
+async def test_the_agents_own_docs_pages_list_its_endpoints(aiohttp_server: Any, make_settings: Any) -> None:
+    """Swagger UI and ReDoc, served by the real app with no internet, render every endpoint."""
+    from perfagent.app import create_app
+    from tests.browser import dump_dom, require_chromium
+
+    require_chromium()
+    server = await aiohttp_server(create_app(make_settings()))
+    swagger = await dump_dom(str(server.make_url("/docs")))
+    redoc = await dump_dom(str(server.make_url("/redoc")))
+    for endpoint in ENDPOINTS:
+        assert endpoint.full_path in swagger, endpoint.full_path
+        assert endpoint.summary in redoc, endpoint.summary

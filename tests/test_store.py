@@ -25,3 +25,25 @@ async def test_a_half_read_result_does_not_block_the_next_query(tmp_path: Path) 
         assert await store.list_instances() == []
     finally:
         await store.close()
+
+
+async def test_retention_deletes_only_what_is_older(tmp_path: Path) -> None:
+    from perfagent.history import HistoryWriter, ScrapeRecord
+
+    store = await Store.open(tmp_path / "r.duckdb")
+    try:
+        writer = HistoryWriter(store, flush_interval=60, retention=timedelta(days=7))
+        now = datetime.now(UTC)
+        for age_days in (10, 8, 6, 1):
+            writer.add(
+                ScrapeRecord(
+                    "a", now - timedelta(days=age_days), "u", True, 0.1, values={"requests_running": age_days}
+                )
+            )
+        assert await writer.flush() == 4
+        assert await writer.enforce_retention(force=True) == (2, 0)
+        kept = await store.history("a", now - timedelta(days=30), now, ["requests_running"])
+        assert kept["requests_running"].to_list() == [6.0, 1.0]
+        assert await writer.enforce_retention() == (0, 0)  # checked at most every few minutes
+    finally:
+        await store.close()
