@@ -343,16 +343,6 @@ class DetectResponse(BaseModel):
     rules_evaluated: int
 
 
-class FindingsQuery(_Strict):
-    instance_id: str | None = None
-    type: str | None = Field(None, description="Bottleneck type, e.g. MEMORY_PRESSURE.")
-    severity: str | None = Field(None, description="LOW, MEDIUM, HIGH or CRITICAL (the current severity).")
-    active: bool | None = Field(None, description="true: still firing; false: resolved.")
-    since: str | None = Field(None, description="Findings seen at or after this time (ISO 8601 or e.g. 6h).")
-    until: str | None = Field(None, description="Findings that fired at or before this time.")
-    limit: int = Field(200, ge=1, le=10_000)
-
-
 class Finding(BaseModel):
     instance_id: str
     rule: str

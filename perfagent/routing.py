@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -13,6 +14,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
 from perfagent.errors import ValidationError
+from perfagent.timespec import parse_moment
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=BaseModel)
@@ -118,6 +120,14 @@ def read_query(request: web.Request, model: type[M]) -> M:
         return model.model_validate(dict(request.query))
     except PydanticValidationError as exc:
         raise _validation_error(exc, model, "query") from exc
+
+
+def time_param(text: str, *, now: datetime, field: str) -> datetime:
+    """A query's point in time (ISO 8601 or a duration ago); a bad one is a VALIDATION_ERROR naming it."""
+    try:
+        return parse_moment(text, now=now)
+    except ValueError as exc:
+        raise ValidationError(str(exc), {"field": field}) from exc
 
 
 def json_response(payload: BaseModel | list[Any], *, status: int = 200) -> web.Response:

@@ -7,6 +7,7 @@ from typing import Any
 
 import polars as pl
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
 
 from perfagent.catalog import CATALOG
 from perfagent.clock import utc_now
@@ -19,13 +20,24 @@ from perfagent.models import (
     DetectResponse,
     Evidence,
     Finding,
-    FindingsQuery,
     FindingsResponse,
     InsufficientData,
 )
-from perfagent.routing import Endpoint, json_response, read_body, read_query
+from perfagent.routing import Endpoint, json_response, read_body, read_query, time_param
 from perfagent.rules import BottleneckType, Severity
-from perfagent.timespec import parse_moment
+
+
+class FindingsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    instance_id: str | None = None
+    type: BottleneckType | None = Field(None, description="Bottleneck type, e.g. MEMORY_PRESSURE.")
+    severity: Severity | None = Field(None, description="The current severity.")
+    active: bool | None = Field(None, description="true: still firing; false: resolved.")
+    since: str | None = Field(None, description="Findings seen at or after this time (ISO 8601 or e.g. 6h).")
+    until: str | None = Field(None, description="Findings that fired at or before this time.")
+    limit: int = Field(200, ge=1, le=10_000)
+
 
 # The collect response's groups, back to catalog quantities (value multiplier for percent fields).
 _GROUPS: Mapping[str, Mapping[str, tuple[str, float]]] = {
@@ -228,21 +240,11 @@ async def list_findings(request: web.Request) -> web.Response:
         where.append("instance_id = ?")
         params.append(query.instance_id)
     if query.type:
-        if query.type not in {t.value for t in BottleneckType}:
-            raise ValidationError(
-                f"unknown type {query.type!r}",
-                {"field": "type", "allowed_values": [t.value for t in BottleneckType]},
-            )
         where.append("type = ?")
-        params.append(query.type)
+        params.append(query.type.value)
     if query.severity:
-        if query.severity not in {s.value for s in Severity}:
-            raise ValidationError(
-                f"unknown severity {query.severity!r}",
-                {"field": "severity", "allowed_values": [s.value for s in Severity]},
-            )
         where.append("severity = ?")
-        params.append(query.severity)
+        params.append(query.severity.value)
     if query.active is not None:
         where.append("resolved_at IS NULL" if query.active else "resolved_at IS NOT NULL")
     for field, text, clause in (
@@ -250,10 +252,7 @@ async def list_findings(request: web.Request) -> web.Response:
         ("until", query.until, "fired_at <= ?"),
     ):
         if text:
-            try:
-                params.append(parse_moment(text, now=now))
-            except ValueError as exc:
-                raise ValidationError(str(exc), {"field": field}) from exc
+            params.append(time_param(text, now=now, field=field))
             where.append(clause)
     frame = await agent.store.findings(where, params, query.limit)
     findings = [Finding(**row, active=row["resolved_at"] is None) for row in frame.iter_rows(named=True)]

@@ -10,8 +10,7 @@ from perfagent.context import AGENT
 from perfagent.errors import NotFoundError, ValidationError
 from perfagent.history import QUANTITY_COLUMNS
 from perfagent.models import HistoryPoint, HistoryQuery, HistoryResponse
-from perfagent.routing import Endpoint, json_response, read_query
-from perfagent.timespec import parse_moment
+from perfagent.routing import Endpoint, json_response, read_query, time_param
 
 
 def _fields(text: str | None) -> list[str]:
@@ -30,14 +29,8 @@ async def metrics_history(request: web.Request) -> web.Response:
     agent = request.app[AGENT]
     query = read_query(request, HistoryQuery)
     now = utc_now()
-    try:
-        since = parse_moment(query.since, now=now)
-    except ValueError as exc:
-        raise ValidationError(str(exc), {"field": "since"}) from exc
-    try:
-        until = parse_moment(query.until, now=now) if query.until else now
-    except ValueError as exc:
-        raise ValidationError(str(exc), {"field": "until"}) from exc
+    since = time_param(query.since, now=now, field="since")
+    until = time_param(query.until, now=now, field="until") if query.until else now
     if since > until:
         raise ValidationError("since is after until", {"field": "since"})
     fields = _fields(query.fields)
