@@ -65,7 +65,7 @@ class SnapshotCache:
         return entry[1] if entry is not None and entry[0] == target.metrics_url else None
 
     def put(self, target: Target, snapshot: RawSnapshot) -> None:
-        self._last[target.instance_id] = (target.metrics_url, snapshot)
+        self.restore(target.instance_id, target.metrics_url, snapshot)
 
     def restore(self, instance_id: str, metrics_url: str, snapshot: RawSnapshot) -> None:
         self._last[instance_id] = (metrics_url, snapshot)

@@ -40,11 +40,6 @@ class NotFoundError(PerfAgentError):
     code = "NOT_FOUND"
 
 
-class MethodNotAllowedError(PerfAgentError):
-    status = 405
-    code = "METHOD_NOT_ALLOWED"
-
-
 class ConflictError(PerfAgentError):
     """The request contradicts current state (e.g. an instance id that already exists)."""
 

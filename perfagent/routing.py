@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -38,7 +38,6 @@ class Endpoint:
     query: type[BaseModel] | None = None
     errors: tuple[int, ...] = ()
     description: str = ""
-    path_params: tuple[str, ...] = field(default=())
 
     @property
     def full_path(self) -> str:
@@ -106,13 +105,6 @@ async def read_body(request: web.Request, model: type[M]) -> M:
         return model.model_validate(data)
     except PydanticValidationError as exc:
         raise _validation_error(exc, model, "body") from exc
-
-
-async def read_optional_body(request: web.Request, model: type[M]) -> M:
-    """Like read_body, but an empty body means "all defaults"."""
-    if not (await request.read()).strip():
-        return model()
-    return await read_body(request, model)
 
 
 def read_query(request: web.Request, model: type[M]) -> M:
