@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,7 +26,9 @@ def prometheus_binary() -> str:
 
 
 @contextmanager
-def running_prometheus(workdir: Path, scrape_configs: str = "") -> Iterator[str]:
+def running_prometheus(
+    workdir: Path, scrape_configs: str = "", *, extra_args: Sequence[str] = ()
+) -> Iterator[str]:
     """Start Prometheus with the given scrape_configs YAML block; yield its base URL."""
     port = free_port()
     config = workdir / "prometheus.yml"
@@ -38,6 +40,7 @@ def running_prometheus(workdir: Path, scrape_configs: str = "") -> Iterator[str]
             f"--storage.tsdb.path={workdir / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{port}",
             "--log.level=warn",
+            *extra_args,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -66,3 +69,63 @@ def running_prometheus(workdir: Path, scrape_configs: str = "") -> Iterator[str]
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def promtool_binary() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is not installed; `make test` installs Debian's prometheus package")
+        pytest.skip("promtool is not installed (make test installs it)")
+    return found
+
+
+def openmetrics(series: Sequence[tuple[str, str, dict[str, str], Sequence[tuple[float, float]]]]) -> str:
+    """OpenMetrics text for `promtool tsdb create-blocks-from openmetrics`.
+
+    `series` is (family, type, labels, [(unix seconds, value), ...]) per series; samples of one family
+    must be written together, and the input needs timestamps in seconds and a final `# EOF`.
+    """
+    lines: list[str] = []
+    typed: set[str] = set()
+    for family, kind, labels, samples in series:
+        if family not in typed:
+            lines.append(f"# TYPE {family} {kind}")
+            typed.add(family)
+        name = f"{family}_total" if kind == "counter" else family
+        rendered = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for ts, value in samples:
+            lines.append(f"{name}{{{rendered}}} {value!r} {ts:.3f}")
+    lines.append("# EOF")
+    return "\n".join(lines) + "\n"
+
+
+def backfill(workdir: Path, text: str) -> Path:
+    """Write `text` (OpenMetrics) into a new TSDB under `workdir` with promtool; return the TSDB dir."""
+    source = workdir / "backfill.om"
+    source.write_text(text)
+    tsdb = workdir / "tsdb"
+    done = subprocess.run(
+        [promtool_binary(), "tsdb", "create-blocks-from", "openmetrics", str(source), str(tsdb)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"promtool backfill failed: {done.stderr[-2000:]}")
+    return tsdb
+
+
+@contextmanager
+def backfilled_prometheus(workdir: Path, text: str, scrape_configs: str = "") -> Iterator[str]:
+    """A real Prometheus serving the history in `text` (OpenMetrics, see `openmetrics`).
+
+    Retention is lifted so old backfilled blocks are not deleted on start-up, and the lookback delta
+    stays Prometheus's default 5m (what the agent's rules assume).
+    """
+    backfill(workdir, text)
+    with running_prometheus(
+        workdir, scrape_configs, extra_args=["--storage.tsdb.retention.time=100y"]
+    ) as url:
+        yield url
