@@ -30,7 +30,7 @@ from perfagent.middleware import error_middleware
 from perfagent.models import EngineName
 from perfagent.normalize import RawSnapshot
 from perfagent.openapi import build_openapi
-from perfagent.optimizer import OptimizationsError, load_engine_optimizations
+from perfagent.optimization_spec import OptimizationsError, load_engine_optimizations
 from perfagent.poller import Poller
 from perfagent.routing import Endpoint, add_endpoints
 from perfagent.rules import load_rules

@@ -17,15 +17,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from perfagent.optimizer import (
+from perfagent.optimization_spec import (
     EngineOptimizations,
     Flag,
     OptimizationsError,
+    load_engine_optimizations,
+    load_optimizations_file,
+)
+from perfagent.optimizer import (
     Plan,
     build_response,
     latency_aspect,
-    load_engine_optimizations,
-    load_optimizations_file,
     normalize_config,
     plan,
     recommend,
