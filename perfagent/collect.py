@@ -1,11 +1,14 @@
 """One collection: fetch an instance's engine and GPU metrics, parse, normalize, and shape the result
-as the API's CollectResponse. The previous snapshot of each instance gives the window."""
+as the API's CollectResponse. The previous snapshot of each instance gives the window.
+
+Fetching (I/O) and processing (CPU) are separate steps so that the poller can fetch a whole tick's
+instances and parse their bodies in one batch."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -13,7 +16,7 @@ import polars as pl
 
 from perfagent.clock import utc_now
 from perfagent.errors import CollectionError, PerfAgentError
-from perfagent.exposition import ParseReport, parse_exposition_report
+from perfagent.exposition import ParseReport, parse_expositions
 from perfagent.history import ScrapeRecord
 from perfagent.models import (
     CacheMetrics,
@@ -71,8 +74,8 @@ class SnapshotCache:
         self._last[instance_id] = (metrics_url, snapshot)
 
 
-def _parse_or_fail(fetched: Fetched) -> ParseReport:
-    report = parse_exposition_report(fetched.text)
+def _check(fetched: Fetched, report: ParseReport) -> None:
+    """Raise CollectionError when the engine body held no sample at all."""
     if report.samples.height == 0:
         if report.skipped:
             first = report.skipped[0]
@@ -90,7 +93,6 @@ def _parse_or_fail(fetched: Fetched) -> ParseReport:
         raise CollectionError(
             f"the body from {fetched.url} holds no samples", {"url": fetched.url, "bytes": fetched.bytes}
         )
-    return report
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,45 +136,94 @@ def failure_record(target: Target, at: datetime, error: PerfAgentError, duration
     )
 
 
-async def collect(scraper: Scraper, snapshots: SnapshotCache, target: Target) -> Collection:
-    """Scrape and normalize one instance. Raises PerfAgentError subclasses on failure."""
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """An instance's bodies as fetched: the I/O half of a collection, waiting to be parsed."""
+
+    target: Target
+    engine: Fetched
+    dcgm: Fetched | None
+    at: datetime  # when the engine body arrived: the end of the window
+    warnings: tuple[ParseWarning, ...]  # a failed dcgm fetch
+    seconds: float  # from the start of the fetch until every body was in hand
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.engine.text] if self.dcgm is None else [self.engine.text, self.dcgm.text]
+
+
+async def fetch(scraper: Scraper, target: Target) -> Fetch:
+    """Fetch an instance's engine body and, if it has one, its dcgm body, concurrently.
+
+    Raises PerfAgentError subclasses when the engine body cannot be had; a dcgm failure is a warning.
+    """
     started = time.perf_counter()
     engine_task = asyncio.ensure_future(scraper.fetch(target.metrics_url))
     dcgm_task = (
         asyncio.ensure_future(scraper.fetch(target.dcgm_url, field="dcgm_url")) if target.dcgm_url else None
     )
     try:
-        fetched = await engine_task
+        engine = await engine_task
     except BaseException:
         if dcgm_task is not None:
             dcgm_task.cancel()
         raise
     at = utc_now()
     warnings: list[ParseWarning] = []
-    dcgm_fetched: Fetched | None = None
+    dcgm: Fetched | None = None
     if dcgm_task is not None:
         try:
-            dcgm_fetched = await dcgm_task
+            dcgm = await dcgm_task
         except PerfAgentError as exc:
             # GPU metrics are an addition; the engine's numbers still stand without them.
             warnings.append(ParseWarning(line=0, text=target.dcgm_url or "", reason=f"dcgm: {exc.message}"))
+    return Fetch(target, engine, dcgm, at, tuple(warnings), time.perf_counter() - started)
 
-    # Parsing and normalizing a large scrape is CPU work: keep it off the event loop.
-    def _work() -> tuple[ParseReport, ParseReport | None, Normalized]:
-        report = _parse_or_fail(fetched)
-        dcgm_report = parse_exposition_report(dcgm_fetched.text) if dcgm_fetched is not None else None
-        normalized = normalize(
-            target.engine.value,
-            report.samples,
-            at=at,
-            previous=snapshots.get(target),
-            dcgm=dcgm_report.samples if dcgm_report is not None else None,
-            gpu_selector=dict(target.gpu_selector) or None,
-        )
-        return report, dcgm_report, normalized
 
-    report, dcgm_report, normalized = await asyncio.to_thread(_work)
-    snapshots.put(target, normalized.raw)
+def process(fetches: Sequence[Fetch], previous: Sequence[RawSnapshot | None]) -> list[Collection | Exception]:
+    """Parse every body of `fetches` in one query, then normalize each instance (blocking: run it
+    off the event loop). `previous[i]` starts the window of `fetches[i]`.
+
+    An instance that fails (no valid sample, a normalization error) gets its exception in its place
+    and fails alone. Malformed text never makes the parser raise (bad lines are skipped), so an
+    exception from the parser itself is a bug, and it fails the whole call.
+    """
+    started = time.perf_counter()
+    reports = iter(parse_expositions([text for f in fetches for text in f.texts]))
+    parse_seconds = time.perf_counter() - started
+    total_bytes = sum(len(text) for f in fetches for text in f.texts) or 1
+    results: list[Collection | Exception] = []
+    for f, prev in zip(fetches, previous, strict=True):
+        report = next(reports)
+        dcgm_report = next(reports) if f.dcgm is not None else None
+        # Each instance is charged its share of the batch's parse (by size), not the whole batch's.
+        share = parse_seconds * sum(len(text) for text in f.texts) / total_bytes
+        try:
+            results.append(_normalize(f, report, dcgm_report, prev, f.seconds + share))
+        except Exception as exc:  # handed back: the caller reports it against this instance alone
+            results.append(exc)
+    return results
+
+
+def _normalize(
+    f: Fetch,
+    report: ParseReport,
+    dcgm_report: ParseReport | None,
+    previous: RawSnapshot | None,
+    seconds: float,
+) -> Collection:
+    started = time.perf_counter()
+    target = f.target
+    _check(f.engine, report)
+    normalized = normalize(
+        target.engine.value,
+        report.samples,
+        at=f.at,
+        previous=previous,
+        dcgm=dcgm_report.samples if dcgm_report is not None else None,
+        gpu_selector=dict(target.gpu_selector) or None,
+    )
+    warnings = list(f.warnings)
     for source, rep in (("", report), ("dcgm: ", dcgm_report)):
         if rep is not None:
             warnings.extend(
@@ -180,18 +231,18 @@ async def collect(scraper: Scraper, snapshots: SnapshotCache, target: Target) ->
             )
     scrapes = [
         ScrapeInfo(
-            url=fetched.url,
-            bytes=fetched.bytes,
-            duration_seconds=fetched.duration_seconds,
+            url=f.engine.url,
+            bytes=f.engine.bytes,
+            duration_seconds=f.engine.duration_seconds,
             samples=report.samples.height,
         )
     ]
-    if dcgm_fetched is not None and dcgm_report is not None:
+    if f.dcgm is not None and dcgm_report is not None:
         scrapes.append(
             ScrapeInfo(
-                url=dcgm_fetched.url,
-                bytes=dcgm_fetched.bytes,
-                duration_seconds=dcgm_fetched.duration_seconds,
+                url=f.dcgm.url,
+                bytes=f.dcgm.bytes,
+                duration_seconds=f.dcgm.duration_seconds,
                 samples=dcgm_report.samples.height,
             )
         )
@@ -202,8 +253,19 @@ async def collect(scraper: Scraper, snapshots: SnapshotCache, target: Target) ->
         scrapes=scrapes,
         samples=report.samples,
         dcgm_samples=dcgm_report.samples if dcgm_report is not None else None,
-        duration_seconds=time.perf_counter() - started,
+        duration_seconds=seconds + time.perf_counter() - started,
     )
+
+
+async def collect(scraper: Scraper, snapshots: SnapshotCache, target: Target) -> Collection:
+    """Scrape and normalize one instance. Raises PerfAgentError subclasses on failure."""
+    fetched = await fetch(scraper, target)
+    # Parsing and normalizing a large scrape is CPU work: keep it off the event loop.
+    [result] = await asyncio.to_thread(process, [fetched], [snapshots.get(target)])
+    if isinstance(result, Exception):
+        raise result
+    snapshots.put(target, result.normalized.raw)
+    return result
 
 
 def build_response(collection: Collection) -> CollectResponse:

@@ -1,5 +1,6 @@
 """perfagent.exposition: literal tables, agreement with prometheus_client on every capture, and
-property tests (round trip, agreement with prometheus_client, junk lines never hide samples)."""
+property tests (round trip, agreement with prometheus_client, junk lines never hide samples, the
+batched parser equal to the single-body one body by body)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from perfagent.exposition import (
     label,
     parse_exposition,
     parse_exposition_report,
+    parse_expositions,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -592,3 +594,73 @@ def test_junk_lines_never_hide_valid_samples(
         elif line not in found:
             assert skipped[line].text == text.removesuffix("\r")[:200]
             assert skipped[line].reason in (NOT_A_NUMBER, MALFORMED)
+
+
+# --- parse_expositions: many bodies in one query, each as if parsed alone ------------------------
+
+
+def assert_same_reports(bodies: list[str]) -> None:
+    batched = parse_expositions(bodies)
+    assert len(batched) == len(bodies)
+    for body, report in zip(bodies, batched, strict=True):
+        alone = parse_exposition_report(body)
+        assert_frame_equal(report.samples, alone.samples)
+        assert report.samples.schema == SAMPLE_SCHEMA
+        assert report.skipped == alone.skipped
+
+
+def test_batch_of_every_capture_equals_each_capture_alone() -> None:
+    texts = [path.read_text() for path in CAPTURES]
+    assert_same_reports(texts)
+    assert_same_reports(texts[::-1] + texts)  # repeated bodies and another order
+
+
+def test_batch_of_every_table_case_equals_each_case_alone() -> None:
+    assert_same_reports([text for text, _ in CASES.values()])
+
+
+def test_type_line_does_not_reach_the_next_body() -> None:
+    first, second = parse_expositions(["# TYPE x counter\nx_total 1\n# TYPE y gauge", "x_total 2\ny 3\n"])
+    assert_frame_equal(first.samples, frame(row("x_total", 1, 2, family="x", type="counter")))
+    assert_frame_equal(second.samples, frame(row("x_total", 2, 1), row("y", 3, 2)))
+
+
+def test_batch_reports_skipped_lines_per_body_with_its_own_line_numbers() -> None:
+    good, html, mixed, empty = parse_expositions(["a 1\n", "<html>\n</html>", f"b 2\n{DCGM_ERROR}\n", ""])
+    assert good.skipped == () and empty.skipped == ()
+    assert html.samples.height == 0 and html.samples.schema == SAMPLE_SCHEMA
+    assert html.skipped == (SkippedLine(1, "<html>", MALFORMED), SkippedLine(2, "</html>", MALFORMED))
+    assert mixed.skipped == (SkippedLine(2, DCGM_ERROR, NOT_A_NUMBER),)
+    assert_frame_equal(mixed.samples, frame(row("b", 2, 1)))
+    assert empty.samples.height == 0 and empty.samples.schema == SAMPLE_SCHEMA
+
+
+def test_empty_batch() -> None:
+    assert parse_expositions([]) == []
+
+
+# A few names shared by every body, so TYPE lines, families and suffixes meet across body boundaries.
+SHARED_NAMES = st.sampled_from(["x", "x_total", "x_bucket", "x_created", "y", "y_sum", "_total"])
+BODY_LINES = st.one_of(
+    st.builds(lambda name, type_: f"# TYPE {name} {type_}", SHARED_NAMES, TYPES),
+    st.builds(lambda name: f"# HELP {name} help", SHARED_NAMES),
+    st.builds(
+        lambda name, labels, value: render(name, labels, repr(value), None),
+        SHARED_NAMES,
+        st.dictionaries(LABEL_NAMES, LABEL_VALUES, max_size=3),
+        VALUES,
+    ),
+    samples().map(lambda s: render(s[0], s[1], s[3], s[4])),
+    JUNK,
+)
+BODIES = st.builds(
+    lambda lines, end: "\n".join(lines) + end,
+    st.lists(BODY_LINES, max_size=8),
+    st.sampled_from(["", "\n", "\r\n"]),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(BODIES, max_size=6))
+def test_batched_reports_equal_each_body_parsed_alone(bodies: list[str]) -> None:
+    assert_same_reports(bodies)
