@@ -64,6 +64,7 @@ class PromClient:
     ) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.workers = workers
         # Retry only idempotent reads, only on overload/unavailable answers and connect errors, and cap
         # the sleep between attempts so the worst case stays near (retries + 1) x timeout.
         retry = Retry(
@@ -96,7 +97,9 @@ class PromClient:
         except TimeoutError as exc:
             raise self._unavailable(f"no answer within {self._deadline:.0f} s") from exc
         except requests.exceptions.RequestException as exc:
-            raise self._unavailable(str(exc)) from exc
+            # requests' messages embed the whole query URL (kilobytes for a fleet query): name the
+            # failure's kind instead.
+            raise self._unavailable(_brief(exc)) from exc
         except PrometheusApiClientException as exc:
             text = str(exc)
             if text.startswith("HTTP Status Code 4"):
@@ -113,10 +116,18 @@ class PromClient:
         )
 
     async def ping(self) -> None:
-        """Raise ServiceUnavailableError unless Prometheus answers its readiness check."""
-        ok = await self._call(self._prom.check_prometheus_connection)
-        if not ok:
-            raise self._unavailable("not ready")
+        """Raise ServiceUnavailableError unless Prometheus answers its readiness check (/-/ready)."""
+
+        def ready() -> int:
+            # The library's own check only reads `/`; readiness (TSDB loaded) is what /-/ready reports.
+            response = self._prom._session.get(
+                f"{self.url}/-/ready", headers=self._prom.headers, timeout=self.timeout
+            )
+            return int(response.status_code)
+
+        status = await self._call(ready)
+        if status != 200:
+            raise self._unavailable(f"HTTP {status} from /-/ready")
 
     async def query(self, promql: str, at: datetime | None = None) -> list[dict[str, Any]]:
         """An instant query; the raw `result` list (vector or scalar entries)."""
@@ -145,9 +156,36 @@ class PromClient:
         result: list[dict[str, str]] = await self._call(self._prom.get_series, start, end, {"match[]": match})
         return result
 
+    async def targets(self) -> list[dict[str, Any]]:
+        """The active scrape targets (`/api/v1/targets`): labels, scrapeUrl, health."""
+        data: dict[str, Any] = await self._call(self._prom.get_targets, "active")
+        targets: list[dict[str, Any]] = data.get("activeTargets", [])
+        return targets
+
     def close(self) -> None:
         self._prom.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _brief(exc: requests.exceptions.RequestException) -> str:
+    """What went wrong, without the request URL that requests puts in every message."""
+    if isinstance(exc, requests.exceptions.Timeout):
+        return "timed out"
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        # The innermost cause (e.g. "Connection refused") is the useful part of urllib3's chain.
+        cause: BaseException = exc
+        while cause.__context__ is not None or (cause.args and isinstance(cause.args[0], BaseException)):
+            nxt = (
+                cause.args[0]
+                if cause.args and isinstance(cause.args[0], BaseException)
+                else cause.__context__
+            )
+            if nxt is None:
+                break
+            cause = nxt
+        detail = str(cause).rsplit(":", 1)[-1].strip(" ')\"")
+        return f"connection failed ({detail[:120]})" if detail else "connection failed"
+    return type(exc).__name__
 
 
 def matrix_frame(result: Sequence[Mapping[str, Any]]) -> pl.DataFrame:

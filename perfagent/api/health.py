@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiohttp
 from aiohttp import web
 
 from perfagent import __version__
@@ -34,19 +33,19 @@ async def _check_database(agent: Agent) -> CheckResult:
     )
 
 
-async def _check_prometheus(agent: Agent, session: aiohttp.ClientSession) -> CheckResult:
-    url = agent.settings.prometheus_url
-    if not url:
+async def _check_prometheus(agent: Agent) -> CheckResult:
+    if agent.prometheus is None:
         return CheckResult(status="not_configured")
     started = time.perf_counter()
     try:
-        async with asyncio.timeout(CHECK_TIMEOUT), session.get(url.rstrip("/") + "/-/ready") as response:
-            ok = response.status == 200
-            detail = f"HTTP {response.status} from /-/ready"
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        return CheckResult(status="unhealthy", detail=f"{type(exc).__name__}: {exc}".strip(": "))
+        async with asyncio.timeout(CHECK_TIMEOUT):
+            await agent.prometheus.ping()
+    except TimeoutError:
+        return CheckResult(status="unhealthy", detail=f"no answer from /-/ready within {CHECK_TIMEOUT:g} s")
+    except PerfAgentError as exc:
+        return CheckResult(status="unhealthy", detail=exc.message)
     return CheckResult(
-        status="healthy" if ok else "unhealthy", detail=detail, latency_seconds=time.perf_counter() - started
+        status="healthy", detail="HTTP 200 from /-/ready", latency_seconds=time.perf_counter() - started
     )
 
 
@@ -65,11 +64,11 @@ async def _reach(agent: Agent, instance_id: str, url: str) -> InstanceReachabili
 async def detailed_health(request: web.Request) -> web.Response:
     agent = request.app[AGENT]
     try:
-        instances = await agent.instances()
+        # Discovered instances are read from Prometheus (its check covers them), never fetched.
+        instances = await agent.scraped_instances()
     except PerfAgentError:
         instances = []  # the database check below reports why the stored fleet cannot be listed
-    async with aiohttp.ClientSession() as session:
-        database, prometheus = await asyncio.gather(_check_database(agent), _check_prometheus(agent, session))
+    database, prometheus = await asyncio.gather(_check_database(agent), _check_prometheus(agent))
     reach = await asyncio.gather(*(_reach(agent, i.id, i.metrics_url) for i in instances))
     reachable = sum(r.reachable for r in reach)
     if not instances:
@@ -111,7 +110,8 @@ ENDPOINTS = (
         "health",
         response=DetailedHealthResponse,
         description="Checks the DuckDB store with a query, Prometheus's /-/ready when `prometheus_url` is "
-        "set, and fetches every instance's metrics URL. `status` is `unhealthy` when the database fails, "
-        "`degraded` when Prometheus or some instances fail.",
+        "set, and fetches the metrics URL of every instance the agent scrapes (discovered ones are read "
+        "from Prometheus). `status` is `unhealthy` when the database fails, `degraded` when Prometheus "
+        "or some instances fail.",
     ),
 )
