@@ -115,6 +115,10 @@ class PerformanceAgentClient:
         query = {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in filters.items()}
         return dict(self._call("GET", "/analysis/findings", query=query))
 
+    def backtest(self, **body: Any) -> dict[str, Any]:
+        """Fields: since or start/end, instance_id, source, step, rules, rule_names, limit."""
+        return dict(self._call("POST", "/analysis/backtest", body))
+
     def recommend(
         self,
         instance_id: str,
