@@ -29,6 +29,7 @@ DASHBOARD_FILES = (
     "instance-drilldown.json",
     "findings-timeline.json",
     "agent-health.json",
+    "slo.json",
 )
 # The built-in simulated fleet (perfagent/demo.py): vllm-3 is overloaded, sglang-5 gets long prompts
 # that share no prefix; the others are steady.
