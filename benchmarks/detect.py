@@ -3,29 +3,54 @@
 Builds N instances (default 10,000) × 1 hour of 15-second samples (240 points each) of random but
 plausible numbers — most instances healthy, some idle, some in trouble, TGI without the quantities
 it does not export, a few failed scrapes — then times one `evaluate()` at the final timestamp
-(look-back windows included) against `evaluate_reference()`, the plain-Python per-instance loop, on
-the same data in the same run. The loop runs on a sample of instances and is extrapolated linearly.
+(look-back windows included) against a plain-Python per-instance loop on the same data in the same
+run: `evaluate_reference()` (the rules' meaning, one instance at a time) plus turning its findings
+into the same rows `evaluate()` returns (rule constants, rendered summary and description, reasons
+for missing data), over every instance.
 
-    .venv/bin/python benchmarks/detect.py [--instances N] [--sample N] [--runs N]
+The vectorized side gets the frame as the agent's store returns it (time order, no engine column)
+and the engines per instance, as `Detector` calls it; the loop gets each instance's samples of the
+rules' widest window as Python tuples, as a per-instance agent would keep them (building those is
+timed separately, not counted).
+
+    .venv/bin/python benchmarks/detect.py [--instances N] [--runs N] [--no-trends]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from perfagent.detect import DEFAULT_LOOKBACK, Evaluation, Sample, compile_rules, evaluate, evaluate_reference
-from perfagent.rules import Reduce, RuleSet, load_rules
+from perfagent.detect import (
+    DEFAULT_LOOKBACK,
+    Evaluation,
+    Sample,
+    compile_rules,
+    evaluate,
+    evaluate_reference,
+    value_unit,
+)
+from perfagent.rules import (
+    LoadedRule,
+    Reduce,
+    RuleSet,
+    TemplatePart,
+    format_duration,
+    load_rules,
+    parse_template,
+)
 
 POINTS = 240
 STEP = timedelta(seconds=15)
@@ -112,41 +137,108 @@ def _as_python(frame: pl.DataFrame) -> dict[str, tuple[str, list[Sample]]]:
     return out
 
 
-def _scan_loop(
-    ruleset: RuleSet, instances: Mapping[str, tuple[str, list[Sample]]], at: datetime
-) -> list[tuple[str, str, str]]:
-    """The straightforward loop: each rule scans its instance's samples for its window (no bisect)."""
-    found: list[tuple[str, str, str]] = []
-    for instance_id, (engine, samples) in instances.items():
-        for lr in ruleset:
-            rule = lr.rule
-            if rule.engines and engine not in rule.engines:
-                continue
-            start = at - (rule.over or DEFAULT_LOOKBACK)
-            window = [values for ts, values in samples if start < ts <= at]
+def _py_number(value: float, spec: str) -> str:
+    """`detect._number` in plain Python: 4 significant digits, `.Nf`, or `.N%`."""
+    if not spec:
+        text = repr(float(f"{value:.4g}"))
+        return text.removesuffix(".0")
+    digits = int(spec[1])
+    return f"{value * 100:.{digits}f}%" if spec.endswith("%") else f"{value:.{digits}f}"
 
-            def reduced(
-                quantity: str, how: Reduce, window: list[Mapping[str, float | None]] = window
-            ) -> float | None:
-                known = [v for s in window if (v := s.get(quantity)) is not None]
-                if not known:
-                    return None
-                if how is Reduce.MEAN:
-                    return sum(known) / len(known)
-                return max(known) if how is Reduce.MAX else min(known) if how is Reduce.MIN else known[-1]
 
-            value = reduced(rule.quantity, rule.reduce)
-            if value is None:
-                continue
-            ladder = rule.ladder()
-            ok = rule.op.holds(value, ladder[-1][1])
-            for c in rule.and_:
-                v = reduced(c.quantity, c.reduce or rule.reduce)
-                ok = ok and v is not None and c.op.holds(v, c.value)
-            if ok:
-                severity = next(s for s, t in ladder if rule.op.holds(value, t))
-                found.append((instance_id, rule.name, severity.value))
-    return found
+class _LoopRule:
+    """What the loop needs of a rule besides its condition: its constant columns and templates."""
+
+    def __init__(self, lr: LoadedRule) -> None:
+        rule = lr.rule
+        window = rule.over or DEFAULT_LOOKBACK
+        unit = value_unit(rule)
+        ahead = rule.ahead_of()
+        self.window = window
+        self.fields = {
+            "unit": unit,
+            "quantity": rule.quantity,
+            "rule": rule.name,
+            "type": rule.type.value,
+            "window": format_duration(window),
+            "ahead": format_duration(ahead) if ahead is not None else "",
+        }
+        self.constants = {
+            "rule": rule.name,
+            "type": rule.type.value,
+            "quantity": rule.quantity,
+            "unit": unit,
+            "op": rule.op.value,
+            "recommendation": rule.recommendation,
+            "labels": json.dumps(rule.labels, sort_keys=True),
+        }
+        self.summary = parse_template(rule.annotations.summary)
+        self.description = parse_template(rule.annotations.description)
+        trends = {q for q, how in self._reads(lr) if how.trend}
+        self.no_sample = {
+            q: f"{'fewer than 2 samples' if q in trends else 'no sample'} of '{q}' in the "
+            f"{format_duration(window)} window"
+            for q, _ in self._reads(lr)
+        }
+
+    @staticmethod
+    def _reads(lr: LoadedRule) -> list[tuple[str, Reduce]]:
+        rule = lr.rule
+        return [(rule.quantity, rule.reduce), *((c.quantity, c.reduce or rule.reduce) for c in rule.and_)]
+
+
+def _render(parts: Sequence[TemplatePart], fields: Mapping[str, str], value: float, threshold: float) -> str:
+    out = []
+    for part in parts:
+        out.append(part.literal)
+        if part.field == "value":
+            out.append(_py_number(value, part.spec))
+        elif part.field == "threshold":
+            out.append(_py_number(threshold, part.spec))
+        elif part.field is not None:
+            out.append(fields[part.field])
+    return "".join(out)
+
+
+def _loop(
+    ruleset: RuleSet,
+    prepared: Mapping[str, _LoopRule],
+    instances: Mapping[str, tuple[str, list[Sample]]],
+    at: datetime,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The per-instance loop, producing what `evaluate()` produces: full result rows with text, and
+    insufficient-data rows with their reason."""
+    findings, missing = evaluate_reference(ruleset, instances, at)
+    results = []
+    for f in findings:
+        r = prepared[f.rule]
+        engine = instances[f.instance_id][0]
+        fields = {**r.fields, "instance": f.instance_id, "engine": engine, "severity": f.severity.value}
+        results.append(
+            {
+                "instance_id": f.instance_id,
+                "engine": engine,
+                **r.constants,
+                "severity": f.severity.value,
+                "value": f.value,
+                "threshold": f.threshold,
+                "window_start": at - r.window,
+                "window_end": at,
+                "summary": _render(r.summary, fields, f.value, f.threshold),
+                "description": _render(r.description, fields, f.value, f.threshold),
+            }
+        )
+    insufficient = [
+        {
+            "instance_id": instance_id,
+            "engine": instances[instance_id][0],
+            "rule": rule,
+            "quantity": quantity,
+            "reason": prepared[rule].no_sample[quantity],
+        }
+        for instance_id, rule, quantity in sorted(missing)
+    ]
+    return results, insufficient
 
 
 def _seconds(run: Callable[[], object]) -> float:
@@ -160,43 +252,50 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--instances", type=int, default=10_000)
-    parser.add_argument("--sample", type=int, default=1_000, help="instances the Python loop runs on")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs of the vectorized evaluation")
+    parser.add_argument("--runs", type=int, default=15, help="timed runs of the vectorized evaluation")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--no-trends", action="store_true", help="leave out the rules that read a trend")
     args = parser.parse_args(argv)
 
     print("perfagent detection benchmark")
     print(f"  Python {platform.python_version()}, Polars {pl.__version__}, {os.cpu_count()} CPU(s)")
     t = time.perf_counter()
-    frame = _fleet(args.instances, args.seed)
-    at = frame["ts"].max()
+    fleet = _fleet(args.instances, args.seed)
+    at = fleet["ts"].max()
     assert isinstance(at, datetime)
     print(
         f"  data: {args.instances:,} instances × {POINTS} samples every {STEP.seconds}s (1 h) = "
-        f"{frame.height:,} rows, {frame.width - 3} quantity columns (built in {time.perf_counter() - t:.1f}s)"
+        f"{fleet.height:,} rows, {fleet.width - 3} quantity columns (built in {time.perf_counter() - t:.1f}s)"
     )
     ruleset = load_rules()
+    if args.no_trends:
+        plain = (lr for lr in ruleset if not any(how.trend for _, how in _LoopRule._reads(lr)))
+        ruleset = RuleSet(tuple(plain))
     t = time.perf_counter()
     compiled = compile_rules(ruleset)
     compile_s = time.perf_counter() - t
     print(
-        f"  rules: {len(ruleset)} built-in, longest window {compiled.max_window}, compiled once in "
+        f"  rules: {len(ruleset)} built-in{' (trends left out)' if args.no_trends else ''}, longest window {compiled.max_window}, compiled once in "
         f"{compile_s * 1000:.1f} ms"
     )
 
-    def timed(data: pl.DataFrame) -> tuple[float, float, Evaluation]:
-        evaluate(compiled, data, at)  # warm-up: thread pool, first-use allocations
+    # As the agent's store returns it (time order, no engine column) and as `Detector` passes engines.
+    engines = dict(fleet.select("instance_id", "engine").unique().iter_rows())
+    stored = fleet.drop("engine")
+
+    def timed(run: Callable[[], Evaluation]) -> tuple[float, float, Evaluation]:
+        run()  # warm-up: thread pool, first-use allocations
         times = []
         for _ in range(args.runs):
             t = time.perf_counter()
-            result = evaluate(compiled, data, at)
+            result = run()
             times.append(time.perf_counter() - t)
         return min(times), statistics.median(times), result
 
-    best, median, result = timed(frame)
+    best, median, result = timed(lambda: evaluate(compiled, stored, at, engines=engines))
     per_type = result.results.group_by("type").len().sort("type").rows()
     print(
-        f"  vectorized evaluate() at the final timestamp, frame in time order (as scrapes are appended):"
+        f"  vectorized evaluate() at the final timestamp, the store's frame and engines per instance:"
         f" best {best:.3f} s, median {median:.3f} s over {args.runs} runs"
     )
     print(
@@ -204,48 +303,52 @@ def main(argv: list[str] | None = None) -> int:
         f"({', '.join(f'{k} {v:,}' for k, v in per_type)}), "
         f"{result.insufficient.height:,} insufficient-data rows"
     )
-    by_instance = frame.sort("instance_id", "ts")
-    best_i, median_i, _ = timed(by_instance)
+    best_e, median_e, _ = timed(lambda: evaluate(compiled, fleet, at))
     print(
-        f"  the same frame sorted by instance (a filter instead of a binary search for the window):"
+        f"  the same with an engine column on every row instead: best {best_e:.3f} s, median {median_e:.3f} s"
+    )
+    by_instance = stored.sort("instance_id", "ts")
+    best_i, median_i, _ = timed(lambda: evaluate(compiled, by_instance, at, engines=engines))
+    print(
+        f"  the store's frame sorted by instance (a filter instead of a binary search for the window):"
         f" best {best_i:.3f} s, median {median_i:.3f} s"
     )
 
-    sample_n = min(args.sample, args.instances)
-    scale = args.instances / sample_n
-    ids = frame["instance_id"].unique().sort().head(sample_n)
+    # The loop holds what a per-instance agent would keep: each instance's samples of the rules'
+    # widest window, as Python tuples (building them is not counted).
     t = time.perf_counter()
-    python_data = _as_python(frame.filter(pl.col("instance_id").is_in(ids.implode())))
-    convert_s = (time.perf_counter() - t) * scale
-    findings, insufficient = evaluate_reference(ruleset, python_data, at)
-    scanned = _scan_loop(ruleset, python_data, at)
+    python_data = _as_python(fleet.filter(pl.col("ts") > at - compiled.max_window))
+    convert_s = time.perf_counter() - t
+    prepared = {lr.name: _LoopRule(lr) for lr in ruleset}
+    rows, missing = _loop(ruleset, prepared, python_data, at)
     # Best of three, as the vectorized runs are best of --runs.
-    bisect_s = min(_seconds(lambda: evaluate_reference(ruleset, python_data, at)) for _ in range(3)) * scale
-    scan_s = min(_seconds(lambda: _scan_loop(ruleset, python_data, at)) for _ in range(3)) * scale
-    sampled = "" if scale == 1 else f", on a sample of {sample_n:,} instances extrapolated ×{scale:g}"
-    print(f"  per-instance pure-Python loops over the same data{sampled}, best of 3:")
-    print(f"    evaluate_reference (bisect to each window): {bisect_s:.2f} s")
-    print(f"    a straightforward scan of each instance's samples per rule: {scan_s:.2f} s")
+    loop_s = min(_seconds(lambda: _loop(ruleset, prepared, python_data, at)) for _ in range(3))
+    bare_s = min(_seconds(lambda: evaluate_reference(ruleset, python_data, at)) for _ in range(3))
     print(
-        f"    (turning the frame into per-instance Python rows first, not counted above: {convert_s:.2f} s)"
+        f"  the per-instance pure-Python loop over the same data, every instance, best of 3: {loop_s:.2f} s"
+    )
+    print(
+        f"    of which evaluate_reference (the rules' conditions, binary search to each window): {bare_s:.2f} s"
+    )
+    print(
+        f"    (building the loop's per-instance Python samples from the frame, not counted: {convert_s:.2f} s)"
     )
 
-    # Everything must agree on the sample: same findings, same severities, same missing data.
-    mine = result.results.filter(pl.col("instance_id").is_in(ids.implode()))
-    got = {(r["instance_id"], r["rule"], r["severity"]) for r in mine.iter_rows(named=True)}
-    want = {(f.instance_id, f.rule, f.severity.value) for f in findings}
-    got_missing = {
-        (r["instance_id"], r["rule"], r["quantity"])
-        for r in result.insufficient.filter(pl.col("instance_id").is_in(ids.implode())).iter_rows(named=True)
-    }
-    agree = got == want == set(scanned) and got_missing == insufficient
-    print(f"  vectorized and both loops agree on the sample: {'yes' if agree else 'NO'}")
+    # Same findings, severities, text and missing data; values to 1e-12 (the vectorized sums add in
+    # another order).
+    got = {(r["instance_id"], r["rule"]): r for r in result.results.iter_rows(named=True)}
+    want = {(r["instance_id"], r["rule"]): r for r in rows}
+    same_rows = got.keys() == want.keys() and all(
+        math.isclose(got[k].pop("value"), want[k].pop("value"), rel_tol=1e-12) and got[k] == want[k]
+        for k in got
+    )
+    agree = same_rows and set(result.insufficient.rows()) == {tuple(r.values()) for r in missing}
+    print(f"  vectorized and loop agree (every column): {'yes' if agree else 'NO'}")
 
-    loop_s = min(bisect_s, scan_s)  # the faster loop is the baseline
-    speedup, speedup_fed = loop_s / best, (loop_s + convert_s) / best
+    speedup = loop_s / best
     print(
-        f"  speed-up of the best vectorized run over the faster loop: {speedup:.0f}x "
-        f"({speedup_fed:.0f}x counting the loop's conversion of the frame)"
+        f"  speed-up of the best vectorized run over the loop: {speedup:.0f}x "
+        f"({(loop_s + convert_s) / best:.0f}x counting the loop's conversion of the frame)"
     )
     fast = "met" if best < GOAL_SECONDS else "NOT met"
     ratio = "met" if speedup >= GOAL_SPEEDUP else "NOT met"
@@ -255,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         else f"; the goal is for 10,000 instances, this run has {args.instances:,}"
     )
     print(
-        f"  goal: < {GOAL_SECONDS} s {fast} ({best:.3f} s); >= {GOAL_SPEEDUP:.0f}x the loop alone {ratio} "
+        f"  goal: < {GOAL_SECONDS} s {fast} ({best:.3f} s); >= {GOAL_SPEEDUP:.0f}x the loop {ratio} "
         f"({speedup:.0f}x){note}"
     )
     return 0 if agree else 1

@@ -1,12 +1,17 @@
 """Detection: rules compiled once to Polars expressions, evaluated over a whole fleet's frame at once.
 
-Input frame: one row per (instance_id, ts) with `instance_id: String`, `engine: String`,
-`ts: Datetime(us, UTC)` and one Float64 column per catalog quantity (any subset; null = unknown).
-Each rule reads its quantities over a look-back window ending at the evaluation time, `(at - window,
-at]`: its `over`, or the lookback (5m, Prometheus's default lookback delta) for the plain latest value.
-Nulls are skipped; a window without a sample of the rule's quantity makes the rule *insufficient*
-for that instance, which never yields a finding. `and:` conditions combine with Kleene logic: one
-known-false condition decides the rule false; an unknown one leaves it insufficient.
+Input frame: one row per (instance_id, ts) with `instance_id: String`, `engine: String` (or the
+engines per instance passed apart), `ts: Datetime(us, UTC)` and one Float64 column per catalog
+quantity (any subset; null = unknown). Each rule reads its quantities over a look-back window ending
+at the evaluation time, `(at - window, at]`: its `over`, or the lookback (5m, Prometheus's default
+lookback delta) for the plain latest value. Nulls are skipped; a window without a sample of the
+rule's quantity (two for a trend) makes the rule *insufficient* for that instance, which never yields
+a finding. `and:` conditions combine with Kleene logic: one known-false condition decides the rule
+false; an unknown one leaves it insufficient. Trends (`slope`, `predict`) are Prometheus's
+least-squares line (`deriv`, `predict_linear`), from window sums.
+
+One evaluation is one grouped aggregation of every rule's terms over the window's rows, the rules'
+verdicts over the per-instance rows, and result rows built only where a rule holds.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from __future__ import annotations
 import bisect
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import Any, Final
 
+import numpy as np
 import polars as pl
 
 from perfagent.catalog import CATALOG
@@ -25,6 +31,7 @@ from perfagent.rules import (
     LoadedRule,
     Op,
     Reduce,
+    Rule,
     RuleSet,
     Severity,
     TemplatePart,
@@ -65,20 +72,54 @@ INSUFFICIENT_SCHEMA: Final = pl.Schema(
     }
 )
 
+Index = np.ndarray[Any, np.dtype[np.int64]]
+
+_TS: Final = pl.Datetime("us", "UTC")
 _AGE: Final = "__age"  # at - ts, for the window masks of one evaluation
+_X: Final = "__x"  # ts - at in seconds, the abscissa of trend fits (negative: the past)
+_END: Final = "__end"  # the evaluation time of a row
+
+
+def _ms(d: timedelta) -> int:
+    return int(d / timedelta(milliseconds=1))
 
 
 @dataclass(frozen=True, slots=True)
 class Term:
-    """One reduced input of a rule: a quantity, how it is reduced, and over which window."""
+    """One reduced input of a rule: a quantity, how it is reduced, over which window, and for
+    `predict` how far ahead."""
 
     quantity: str
     reduce: Reduce
     window: timedelta
+    ahead: timedelta | None = None
 
     @property
     def column(self) -> str:
-        return f"__{self.quantity}|{self.reduce.value}|{int(self.window / timedelta(milliseconds=1))}ms"
+        ahead = f"+{_ms(self.ahead)}ms" if self.ahead is not None else ""
+        return f"__{self.quantity}|{self.reduce.value}{ahead}|{_ms(self.window)}ms"
+
+    @property
+    def fit(self) -> str:
+        """The prefix of the least-squares sums a trend term is computed from (shared per window)."""
+        return f"__fit|{self.quantity}|{_ms(self.window)}ms|"
+
+
+_FIT_STATS: Final = ("n", "sx", "sxx", "sy", "sxy", "lo", "hi")
+
+
+def _fitted(term: Term) -> pl.Expr:
+    """A trend term from its window's sums over (x = ts - at in seconds, y), as Prometheus's
+    `linearRegression` does: the least-squares slope (`deriv`), or the line's value `ahead` seconds
+    after `at` (`predict_linear`); slope 0 when every y is equal; null under two samples."""
+    n, sx, sxx, sy, sxy, lo, hi = (pl.col(term.fit + s) for s in _FIT_STATS)
+    flat = lo == hi
+    slope = pl.when(flat).then(0.0).otherwise((sxy - sx * sy / n) / (sxx - sx * sx / n))
+    value = slope
+    if term.reduce is Reduce.PREDICT:
+        ahead = (term.ahead or timedelta(0)).total_seconds()
+        value = pl.when(flat).then(lo).otherwise(sy / n - slope * sx / n) + slope * ahead
+    return pl.when(n >= 2).then(value).alias(term.column)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -89,10 +130,9 @@ class CompiledRule:
     window: timedelta
     main: Term
     conditions: tuple[tuple[Term, Op, float], ...]
-    hit: pl.Expr  # where the rule holds, a struct (severity, value, threshold); null elsewhere
-    missing: tuple[pl.Expr, ...]  # per quantity: the rule is undecided and the quantity has no data
-    summary: tuple[TemplatePart, ...]
-    description: tuple[TemplatePart, ...]
+    rung: pl.Expr  # Int8: where the rule holds, the index in its ladder of the rung reached; else -1
+    missing: tuple[tuple[str, pl.Expr, str], ...]  # per quantity: undecided for lack of it; the reason
+    texts: tuple[pl.Expr, pl.Expr]  # summary and description, over a result row's columns
 
     @property
     def name(self) -> str:
@@ -110,10 +150,15 @@ class CompiledRules:
     rules: tuple[CompiledRule, ...]
     terms: tuple[Term, ...]
     lookback: timedelta
-    table: pl.DataFrame  # one row per rule: its constant result columns
-    numbers: tuple[pl.Expr, ...]  # every formatted number the templates use, as `__fmt|…` columns
-    texts: Mapping[str, tuple[pl.Expr, pl.Expr]]  # per rule, its summary and description
-    no_sample: pl.Expr  # the reason for an insufficient (rule, quantity) row
+    constants: pl.DataFrame  # one row per rule: the result columns that depend on the rule alone
+    rungs: pl.DataFrame  # one row per (rule, rung): severity and threshold
+    first_rung: Index  # per rule, its first row in `rungs`
+    rule_rank: Index  # per rule, its rank by name (the output order)
+    pair_rank: Index  # per (rule, missing quantity), its rank likewise
+    # The aggregation plan per set of quantities present (`_window_aggs`), built on first use.
+    plans: dict[frozenset[str], tuple[list[pl.Expr], list[pl.Expr], list[pl.Expr]]] = field(
+        default_factory=dict
+    )
 
     @property
     def max_window(self) -> timedelta:
@@ -135,11 +180,6 @@ class Evaluation:
 
 
 # --- compilation -----------------------------------------------------------------------------------
-
-_END: Final = "__end"  # the evaluation time of a row
-_SEP: Final = "\x1f"  # joins rule and quantity in column names; rule names cannot contain it
-_HIT_PREFIX: Final = "__hit|"  # hit columns are named after their rule, apart from the frame's own
-_HIT: Final = pl.Struct({"severity": pl.String(), "value": pl.Float64(), "threshold": pl.Float64()})
 
 
 def _compare(left: pl.Expr, op: Op, right: float) -> pl.Expr:
@@ -170,109 +210,96 @@ def _number(expr: pl.Expr, spec: str) -> pl.Expr:
     return pl.concat_str(text, pl.lit("%")) if percent else text
 
 
-_FIELD_COLUMNS: Final[Mapping[str, str]] = {
-    "instance": "instance_id",
-    "engine": "engine",
-    "unit": "unit",
-    "severity": "severity",
-    "quantity": "quantity",
-    "rule": "rule",
-    "type": "type",
-    "window": "__window",
-}
-
-
-def _format_column(field: str, spec: str) -> str:
-    return f"__fmt|{field}|{spec}"
-
-
-def _render(parts: Sequence[TemplatePart]) -> pl.Expr:
-    """A template over the results' columns; numbers come from the `__fmt|…` columns."""
-    pieces: list[pl.Expr] = []
+def _render(parts: Sequence[TemplatePart], constants: Mapping[str, str]) -> pl.Expr:
+    """A template as one concat_str over a result row; fields constant for the rule become literals."""
+    pieces: list[str | pl.Expr] = []
     for part in parts:
-        if part.literal:
-            pieces.append(pl.lit(part.literal))
+        pieces.append(part.literal)
         if part.field in ("value", "threshold"):
-            pieces.append(pl.col(_format_column(part.field, part.spec)))
+            pieces.append(_number(pl.col(part.field), part.spec))
+        elif part.field == "instance":
+            pieces.append(pl.col("instance_id"))
+        elif part.field in ("engine", "severity"):
+            pieces.append(pl.col(part.field).fill_null(""))
         elif part.field is not None:
-            pieces.append(pl.col(_FIELD_COLUMNS[part.field]).fill_null(""))
-    return pl.concat_str(pieces) if pieces else pl.lit("")
+            pieces.append(constants[part.field])
+    merged: list[str | pl.Expr] = []
+    for piece in pieces:
+        if isinstance(piece, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += piece
+        elif not isinstance(piece, str) or piece:
+            merged.append(piece)
+    exprs = [pl.lit(p, pl.String) if isinstance(p, str) else p for p in merged]
+    if not exprs:
+        return pl.lit("", pl.String)
+    return exprs[0] if len(exprs) == 1 else pl.concat_str(exprs)
+
+
+def value_unit(rule: Rule) -> str:
+    """The unit of a rule's value: its quantity's catalog unit, per second for a slope."""
+    unit = CATALOG[rule.quantity].unit.value if rule.quantity in CATALOG else ""
+    return f"{unit}/s" if rule.reduce is Reduce.SLOPE else unit
+
+
+def _missing(
+    window: timedelta, terms: Sequence[Term], undecided: pl.Expr
+) -> tuple[tuple[str, pl.Expr, str], ...]:
+    """Per quantity of a rule: the flag "undecided, and a term of this quantity has no value", and
+    the reason reported with it."""
+    out = []
+    for quantity in dict.fromkeys(t.quantity for t in terms):
+        mine = [t for t in terms if t.quantity == quantity]
+        flag = pl.any_horizontal(pl.col(t.column).is_null() for t in mine)
+        need = "fewer than 2 samples" if any(t.reduce.trend for t in mine) else "no sample"
+        reason = f"{need} of '{quantity}' in the {format_duration(window)} window"
+        out.append((quantity, undecided & flag, reason))
+    return tuple(out)
 
 
 def _compile_rule(lr: LoadedRule, lookback: timedelta) -> CompiledRule:
     rule = lr.rule
     window = rule.over or lookback
-    main = Term(rule.quantity, rule.reduce, window)
-    conditions = tuple((Term(c.quantity, c.reduce or rule.reduce, window), c.op, c.value) for c in rule.and_)
+    main = Term(rule.quantity, rule.reduce, window, rule.ahead_of())
+    conditions = tuple(
+        (Term(c.quantity, c.reduce or rule.reduce, window, rule.ahead_of(c)), c.op, c.value)
+        for c in rule.and_
+    )
     value = pl.col(main.column)
     ladder = rule.ladder()  # highest severity first
     conjunction = _compare(value, rule.op, ladder[-1][1])
     for term, op, threshold in conditions:
         conjunction = conjunction & _compare(pl.col(term.column), op, threshold)  # Kleene AND
-    applies = (
-        pl.col("engine").is_in([e.value for e in rule.engines]).fill_null(False) if rule.engines else None
-    )
-
-    # Nested when/then built from the lowest rung outwards: the highest rung reached wins.
-    severity: pl.Expr = pl.lit(None, pl.String)
-    reached: pl.Expr = pl.lit(None, pl.Float64)
-    for sev, t in reversed(ladder):
-        reached_rung = _compare(value, rule.op, t)
-        severity = pl.when(reached_rung).then(pl.lit(sev.value)).otherwise(severity)
-        reached = pl.when(reached_rung).then(pl.lit(t)).otherwise(reached)
-
     holds = value.is_not_null() & conjunction.fill_null(False)
     # The rule's own quantity missing is always insufficient; an `and:` quantity missing only when
     # the other conditions leave the outcome open (one known-false condition decides the rule).
     undecided = value.is_null() | conjunction.is_null()
-    if applies is not None:
+    if rule.engines:
+        applies = pl.col("engine").is_in([e.value for e in rule.engines]).fill_null(False)
         holds, undecided = applies & holds, applies & undecided
-    hit = pl.struct(severity.alias("severity"), value.alias("value"), reached.alias("threshold"))
-    # One term per quantity: a rule's terms share its window, so a quantity without a sample lacks
-    # one for every reduction at once.
-    terms = {t.quantity: t for t in (main, *(t for t, _, _ in conditions))}.values()
+    # Nested when/then built from the lowest rung outwards: the highest rung reached wins.
+    rung: pl.Expr = pl.lit(-1, pl.Int8)
+    for i in reversed(range(len(ladder))):
+        rung = pl.when(_compare(value, rule.op, ladder[i][1])).then(pl.lit(i, pl.Int8)).otherwise(rung)
+    ahead = rule.ahead_of()
+    constants = {
+        "unit": value_unit(rule),
+        "quantity": rule.quantity,
+        "rule": rule.name,
+        "type": rule.type.value,
+        "window": format_duration(window),
+        "ahead": format_duration(ahead) if ahead is not None else "",
+    }
     return CompiledRule(
         source=lr,
         window=window,
         main=main,
         conditions=conditions,
-        hit=pl.when(holds).then(hit).otherwise(pl.lit(None, _HIT)).alias(f"{_HIT_PREFIX}{rule.name}"),
-        missing=tuple(
-            (undecided & pl.col(t.column).is_null()).alias(f"{rule.name}{_SEP}{t.quantity}") for t in terms
+        rung=pl.when(holds).then(rung).otherwise(pl.lit(-1, pl.Int8)),
+        missing=_missing(window, (main, *(t for t, _, _ in conditions)), undecided),
+        texts=(
+            _render(parse_template(rule.annotations.summary), constants).alias("summary"),
+            _render(parse_template(rule.annotations.description), constants).alias("description"),
         ),
-        summary=parse_template(rule.annotations.summary),
-        description=parse_template(rule.annotations.description),
-    )
-
-
-def _rule_table(rules: Sequence[CompiledRule]) -> pl.DataFrame:
-    def unit(quantity: str) -> str:
-        return CATALOG[quantity].unit.value if quantity in CATALOG else ""
-
-    loaded = [cr.source.rule for cr in rules]
-    return pl.DataFrame(
-        {
-            "rule": [r.name for r in loaded],
-            "type": [r.type.value for r in loaded],
-            "quantity": [r.quantity for r in loaded],
-            "unit": [unit(r.quantity) for r in loaded],
-            "op": [r.op.value for r in loaded],
-            "recommendation": [r.recommendation for r in loaded],
-            "labels": [json.dumps(r.labels, sort_keys=True) for r in loaded],
-            "__length": [cr.window for cr in rules],
-            "__window": [format_duration(cr.window) for cr in rules],
-        },
-        schema={
-            "rule": pl.String,
-            "type": pl.String,
-            "quantity": pl.String,
-            "unit": pl.String,
-            "op": pl.String,
-            "recommendation": pl.String,
-            "labels": pl.String,
-            "__length": pl.Duration("us"),
-            "__window": pl.String,
-        },
     )
 
 
@@ -284,28 +311,134 @@ def compile_rules(
         raise ValueError("lookback must be longer than 0s")
     rules = tuple(_compile_rule(lr, lookback) for lr in ruleset)
     terms = tuple(dict.fromkeys(t for r in rules for t in r.terms))
-    # Numbers are formatted once over every rule's results; each rule's templates then run on its
-    # own rows only (one concat_str each), not on every row behind a when/then per rule.
-    formats = dict.fromkeys(
-        (p.field, p.spec)
-        for cr in rules
-        for p in (*cr.summary, *cr.description)
-        if p.field in ("value", "threshold")
+    loaded = [cr.source.rule for cr in rules]
+    constants = pl.DataFrame(
+        {
+            "rule": [r.name for r in loaded],
+            "type": [r.type.value for r in loaded],
+            "quantity": [r.quantity for r in loaded],
+            "unit": [value_unit(r) for r in loaded],
+            "op": [r.op.value for r in loaded],
+            "recommendation": [r.recommendation for r in loaded],
+            "labels": [json.dumps(r.labels, sort_keys=True) for r in loaded],
+            "__length": [cr.window for cr in rules],
+        },
+        schema={
+            **{c: pl.String() for c in ("rule", "type", "quantity", "unit", "op")},
+            "recommendation": pl.String(),
+            "labels": pl.String(),
+            "__length": pl.Duration("us"),
+        },
     )
-    numbers = tuple(
-        _number(pl.col(field), spec).alias(_format_column(field, spec)) for field, spec in formats
+    ladders = [r.ladder() for r in loaded]
+    rungs = pl.DataFrame(
+        {
+            "severity": [s.value for ladder in ladders for s, _ in ladder],
+            "threshold": [t for ladder in ladders for _, t in ladder],
+        },
+        schema={"severity": pl.String(), "threshold": pl.Float64()},
     )
-    texts = {
-        cr.name: (_render(cr.summary).alias("summary"), _render(cr.description).alias("description"))
-        for cr in rules
-    }
-    windows = {cr.name: format_duration(cr.window) for cr in rules}
-    no_sample = pl.format(
-        "no sample of '{}' in the {} window",
-        "quantity",
-        pl.col("rule").replace_strict(windows, return_dtype=pl.String),
+    first_rung = np.cumsum([0, *(len(ladder) for ladder in ladders)])[:-1].astype(np.int64)
+    names = [cr.name for cr in rules]
+    pairs = [(cr.name, q) for cr in rules for q, _, _ in cr.missing]
+    return CompiledRules(
+        rules, terms, lookback, constants, rungs, first_rung, _positions(names), _positions(pairs)
     )
-    return CompiledRules(rules, terms, lookback, _rule_table(rules), numbers, texts, no_sample)
+
+
+def _positions(keys: Sequence[Any]) -> Index:
+    """Each key's position in sorted order."""
+    ranks = np.empty(len(keys), dtype=np.int64)
+    ranks[sorted(range(len(keys)), key=keys.__getitem__)] = np.arange(len(keys))
+    return ranks
+
+
+# --- results ---------------------------------------------------------------------------------------
+
+_RUNG: Final = "__rung|"
+_VALUE: Final = "__value|"
+_MISSING: Final = "__missing|"
+
+
+def _verdicts(compiled: CompiledRules) -> list[pl.Expr]:
+    """Per row: every rule's rung (Int8, -1: does not hold), main value, and missing-data flags."""
+    exprs = [cr.rung.alias(f"{_RUNG}{i}") for i, cr in enumerate(compiled.rules)]
+    exprs += [pl.col(cr.main.column).alias(f"{_VALUE}{i}") for i, cr in enumerate(compiled.rules)]
+    flags = [flag for cr in compiled.rules for _, flag, _ in cr.missing]
+    exprs += [flag.alias(f"{_MISSING}{i}") for i, flag in enumerate(flags)]
+    return exprs
+
+
+def _gather(frame: pl.DataFrame, index: Index) -> pl.DataFrame:
+    return frame.select(pl.all().gather(pl.Series(index, dtype=pl.Int64)))
+
+
+def _rank(column: pl.Series) -> Index:
+    """Each row's dense rank in `column`: output rows are ordered by ranks, strings sorted once."""
+    ranks: Index = column.rank("dense").cast(pl.Int64).fill_null(0).to_numpy()
+    return ranks
+
+
+def _results(compiled: CompiledRules, rows: pl.DataFrame, order: Sequence[Index]) -> pl.DataFrame:
+    """RESULT_SCHEMA rows for every (row, rule) that holds, sorted by the rows' `order` (ranks, most
+    significant first) and then by rule name.
+
+    Which rules hold where is read once for all rules, in NumPy from the rung matrix; the result
+    rows are gathered in one step and each rule renders its text on its own rows only.
+    """
+    n = len(compiled.rules)
+    if n == 0 or rows.height == 0:
+        return pl.DataFrame(schema=RESULT_SCHEMA)
+    rungs = rows.select(pl.col(f"{_RUNG}{i}") for i in range(n)).to_numpy()
+    rule, row = np.nonzero(rungs.T >= 0)  # rule-major: each rule's rows are contiguous
+    if row.size == 0:
+        return pl.DataFrame(schema=RESULT_SCHEMA)
+    values = rows.select(pl.col(f"{_VALUE}{i}") for i in range(n)).to_numpy()
+    found = pl.concat(
+        [
+            _gather(rows.select("instance_id", "engine", pl.col(_END).alias("window_end")), row),
+            _gather(compiled.constants, rule),
+            _gather(compiled.rungs, compiled.first_rung[rule] + rungs[row, rule]),
+            pl.DataFrame({"value": values[row, rule]}, schema={"value": pl.Float64()}),
+        ],
+        how="horizontal",
+    ).with_columns(window_start=pl.col("window_end") - pl.col("__length"))
+    bounds = np.cumsum([0, *np.bincount(rule, minlength=n)])
+    # One query for every rule's text, so Polars plans and runs the small pieces together.
+    texts = pl.concat(
+        [
+            found.lazy().slice(int(lo), int(hi - lo)).with_columns(cr.texts).select("summary", "description")
+            for cr, lo, hi in zip(compiled.rules, bounds[:-1], bounds[1:], strict=True)
+            if hi > lo
+        ]
+    ).collect(engine="in-memory")
+    keys = [compiled.rule_rank[rule], *(rank[row] for rank in reversed(order))]
+    out = pl.concat([found, texts], how="horizontal").select(list(RESULT_SCHEMA))
+    return _gather(out, np.lexsort(keys))
+
+
+def _insufficient(
+    compiled: CompiledRules, rows: pl.DataFrame, absent: frozenset[str], instance: Index
+) -> pl.DataFrame:
+    """(instance, rule, quantity) for every undecided rule and each of its quantities without data,
+    sorted by instance (its rank per row), rule and quantity."""
+    pairs = [(cr, q, reason) for cr in compiled.rules for q, _, reason in cr.missing]
+    if not pairs or rows.height == 0:
+        return pl.DataFrame(schema=INSUFFICIENT_SCHEMA)
+    flags = rows.select(pl.col(f"{_MISSING}{i}") for i in range(len(pairs))).to_numpy()
+    row, pair = np.nonzero(flags)
+    reasons = pl.DataFrame(
+        {
+            "rule": [cr.name for cr, _, _ in pairs],
+            "quantity": [q for _, q, _ in pairs],
+            "reason": [f"'{q}' is not in the data" if q in absent else reason for _, q, reason in pairs],
+        },
+        schema={"rule": pl.String(), "quantity": pl.String(), "reason": pl.String()},
+    )
+    out = pl.concat(
+        [_gather(rows.select("instance_id", "engine"), row), _gather(reasons, pair)], how="horizontal"
+    )
+    return _gather(out, np.lexsort([compiled.pair_rank[pair], instance[row]]))
 
 
 # --- evaluation at one time ------------------------------------------------------------------------
@@ -315,45 +448,94 @@ def _utc(at: datetime) -> datetime:
     return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
-def _check_frame(names: Sequence[str]) -> None:
-    missing = [c for c in ("instance_id", "engine", "ts") if c not in names]
+def _check_frame(names: Sequence[str], engines: Mapping[str, str] | None) -> None:
+    required = ("instance_id", "ts") if engines is not None else ("instance_id", "engine", "ts")
+    missing = [c for c in required if c not in names]
     if missing:
         raise ValueError(f"the frame lacks column(s) {', '.join(missing)}")
 
 
-def _window_aggs(compiled: CompiledRules, present: set[str]) -> tuple[list[pl.Expr], list[pl.Expr]]:
-    """Row-wise masks and per-instance aggregations for every term whose column is present.
+def _engine_lookup(engines: Mapping[str, str]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"instance_id": list(engines), "engine": list(engines.values())},
+        schema={"instance_id": pl.String(), "engine": pl.String()},
+    )
 
-    Masks turn samples outside a term's window into nulls, so every aggregation stays on Polars'
-    fast path (a plain mean/max/min, or min_by age for `last`) instead of a filter per group.
+
+def _plan(
+    compiled: CompiledRules, present: frozenset[str]
+) -> tuple[list[pl.Expr], list[pl.Expr], list[pl.Expr]]:
+    """`_window_aggs`, built once per set of quantities present (frames rarely change columns)."""
+    plan = compiled.plans.get(present)
+    if plan is None:
+        plan = compiled.plans[present] = _window_aggs(compiled, present)
+    return plan
+
+
+def _window_aggs(
+    compiled: CompiledRules, present: frozenset[str]
+) -> tuple[list[pl.Expr], list[pl.Expr], list[pl.Expr]]:
+    """Row-wise masks, per-instance aggregations, and the terms computed from aggregations (trends),
+    for every term whose column is present.
+
+    Masks turn samples outside a term's window into nulls, so every aggregation is a plain column
+    aggregation (mean/max/min/sum/count, or min_by age for `last`) on Polars' fast path instead of
+    a filter or an expression per group. A trend's sums are over x relative to the evaluation
+    time, as Prometheus takes them, which keeps them small and the fit well conditioned; a `min` or
+    `max` over a trend's window reuses the fit's.
     """
     masks: dict[str, pl.Expr] = {}
-    aggs: list[pl.Expr] = [pl.col("engine").min_by(_AGE).alias("engine")]
+    aggs: dict[str, pl.Expr] = {}
+    fitted: list[pl.Expr] = []
     widest = compiled.max_window
+    fits = {t.fit for t in compiled.terms if t.reduce.trend and t.quantity in present}
     for term in compiled.terms:
         if term.quantity not in present:
             continue
         q = pl.col(term.quantity)
         in_window = pl.col(_AGE) < term.window
-        if term.reduce is Reduce.LAST:
+        if term.reduce.trend:
+            x, y, xx, xy = (term.fit + c for c in ("x", "y", "xx", "xy"))
+            # Every row of the frame is inside the widest window: only nulls need masking there.
+            known = q.is_not_null() if term.window >= widest else in_window & q.is_not_null()
+            masks[x] = pl.when(known).then(pl.col(_X))
+            masks[xx] = pl.when(known).then(pl.col(_X) * pl.col(_X))  # products as columns: plain
+            masks[xy] = pl.when(known).then(pl.col(_X) * q)  # sums stay on the fast path
+            if term.window >= widest:
+                y = term.quantity
+            else:
+                masks[y] = pl.when(known).then(q)
+            stats = (
+                pl.col(x).count(),
+                pl.col(x).sum(),
+                pl.col(xx).sum(),
+                pl.col(y).sum(),
+                pl.col(xy).sum(),
+                pl.col(y).min(),
+                pl.col(y).max(),
+            )
+            aggs.update({term.fit + name: e for name, e in zip(_FIT_STATS, stats, strict=True)})
+            fitted.append(_fitted(term))
+        elif term.reduce is Reduce.LAST:
             # min_by skips null keys: the key is the sample's age where the sample is known.
             key = f"__age|{term.quantity}|{term.window}"
             masks[key] = pl.when(in_window & q.is_not_null()).then(pl.col(_AGE))
-            aggs.append(q.min_by(key).alias(term.column))
-            continue
-        source = term.quantity
-        if term.window < widest:
-            source = f"__in|{term.quantity}|{term.window}"
-            masks[source] = pl.when(in_window).then(q)
-        column = pl.col(source)
-        if term.reduce is Reduce.MEAN:
-            agg = column.mean()
-        elif term.reduce is Reduce.MAX:
-            agg = column.max()
+            aggs[term.column] = q.min_by(key)
+        elif term.reduce in (Reduce.MIN, Reduce.MAX) and term.fit in fits:
+            fitted.append(pl.col(term.fit + ("lo" if term.reduce is Reduce.MIN else "hi")).alias(term.column))
         else:
-            agg = column.min()
-        aggs.append(agg.alias(term.column))
-    return [e.alias(k) for k, e in masks.items()], aggs
+            source = term.quantity
+            if term.window < widest:
+                source = f"__in|{term.quantity}|{term.window}"
+                masks[source] = pl.when(in_window).then(q)
+            column = pl.col(source)
+            if term.reduce is Reduce.MEAN:
+                aggs[term.column] = column.mean()
+            elif term.reduce is Reduce.MAX:
+                aggs[term.column] = column.max()
+            else:
+                aggs[term.column] = column.min()
+    return [e.alias(k) for k, e in masks.items()], [e.alias(k) for k, e in aggs.items()], fitted
 
 
 def _window(
@@ -362,112 +544,113 @@ def _window(
     """The rows with start < ts <= end: a binary search when the frame is in time order (as scrapes
     are appended), a filter otherwise."""
     if isinstance(frame, pl.DataFrame) and frame.height and frame["ts"].is_sorted():
-        ts = frame["ts"]
-        lo = int(ts.search_sorted(start, side="right"))
-        hi = int(ts.search_sorted(end, side="right"))
+        lo, hi = (int(i) for i in frame["ts"].search_sorted(pl.Series([start, end]), side="right"))
         return frame.select(columns).slice(lo, hi - lo)
     window = frame.lazy().select(columns).filter((pl.col("ts") > start) & (pl.col("ts") <= end))
     out: pl.DataFrame = window.collect()
     return out
 
 
-def _results(compiled: CompiledRules, rows: pl.LazyFrame) -> pl.DataFrame:
-    """RESULT_SCHEMA rows for every rule that holds, from rows of term columns and `__end`.
-
-    One pass for all rules: each rule's hit struct, unpivoted to one row per (row, rule) hit, joined
-    with the rules' constant columns; then each rule's rows get its text.
-    """
-    hits = [cr.hit for cr in compiled.rules]
-    if not hits:
-        return pl.DataFrame(schema=RESULT_SCHEMA)
-    found = (
-        rows.select("instance_id", "engine", _END, *hits)
-        .unpivot(index=["instance_id", "engine", _END], variable_name="rule", value_name="hit")
-        .filter(pl.col("hit").is_not_null())
-        .unnest("hit")
-        .with_columns(pl.col("rule").str.strip_prefix(_HIT_PREFIX))
-        .join(compiled.table.lazy(), on="rule", how="left")
-        .with_columns(window_start=pl.col(_END) - pl.col("__length"), window_end=pl.col(_END))
-        .with_columns(compiled.numbers)
-        .collect()
-    )
-    columns = list(RESULT_SCHEMA)
-    rendered = [
-        part.lazy().with_columns(compiled.texts[name]).select(columns)
-        for (name,), part in found.partition_by("rule", as_dict=True).items()
-        if isinstance(name, str)
-    ]
-    if not rendered:
-        return pl.DataFrame(schema=RESULT_SCHEMA)
-    out: pl.DataFrame = pl.concat(rendered, rechunk=False).collect()
-    return out
-
-
-def _insufficient(compiled: CompiledRules, rows: pl.LazyFrame, absent: frozenset[str]) -> pl.LazyFrame:
-    """(instance, rule, quantity) for every undecided rule and each of its quantities without data."""
-    flags = [flag for cr in compiled.rules for flag in cr.missing]
-    if not flags:
-        return pl.LazyFrame(schema=INSUFFICIENT_SCHEMA)
-    not_collected = pl.format("'{}' is not in the data", "quantity")
-    return (
-        rows.select("instance_id", "engine", *flags)
-        .unpivot(index=["instance_id", "engine"], variable_name="pair")
-        .filter(pl.col("value"))
-        .with_columns(pl.col("pair").str.split_exact(_SEP, 1).struct.rename_fields(["rule", "quantity"]))
-        .unnest("pair")
-        .select(
-            "instance_id",
-            "engine",
-            "rule",
-            "quantity",
-            reason=pl.when(pl.col("quantity").is_in(sorted(absent)))
-            .then(not_collected)
-            .otherwise(compiled.no_sample),
-        )
-        .cast(INSUFFICIENT_SCHEMA)
-    )
-
-
-def evaluate(compiled: CompiledRules, frame: pl.DataFrame | pl.LazyFrame, at: datetime) -> Evaluation:
+def evaluate(
+    compiled: CompiledRules,
+    frame: pl.DataFrame | pl.LazyFrame,
+    at: datetime,
+    *,
+    engines: Mapping[str, str] | None = None,
+) -> Evaluation:
     """Evaluate every rule for every instance at `at`, reading `(at - window, at]` of `frame`.
 
-    Instances with no row at all in the widest window are not reported (the caller knows its fleet).
+    Each instance's engine is `engines[instance_id]` when `engines` is given (the frame then needs no
+    `engine` column), else its latest row's `engine`. Instances with no row at all in the widest
+    window are not reported (the caller knows its fleet).
     """
     at = _utc(at)
     names = frame.collect_schema().names()
-    _check_frame(names)
-    present = set(names) & compiled.quantities
+    _check_frame(names, engines)
+    present = frozenset(names) & compiled.quantities
     absent = compiled.quantities - present
-    masks, aggs = _window_aggs(compiled, present)
-    rows = _window(frame, ["instance_id", "engine", "ts", *sorted(present)], at - compiled.max_window, at)
-    agg = (
-        rows.with_columns((pl.lit(at) - pl.col("ts")).alias(_AGE))
+    masks, aggs, fitted = _plan(compiled, present)
+    columns = ["instance_id", "ts", *sorted(present)]
+    if engines is None:
+        columns.insert(1, "engine")
+        aggs = [pl.col("engine").min_by(_AGE), *aggs]
+    rows = _window(frame, columns, at - compiled.max_window, at)
+    age = (pl.lit(at) - pl.col("ts")).alias(_AGE)
+    x = (pl.col(_AGE).dt.total_microseconds() / -1e6).alias(_X)
+    # The streaming engine (Polars 2's default) aggregates fastest; it adds floating-point sums in
+    # an order that depends on thread scheduling, so a mean or a fit may differ in its last bits
+    # from one evaluation to the next. Nothing here depends on row order.
+    per_instance = (
+        rows.lazy()
+        .with_columns(age)
+        .with_columns(*([x] if any(t.reduce.trend for t in compiled.terms) else []))
         .with_columns(masks)
         .group_by("instance_id")
         .agg(aggs)
-        .with_columns(
-            *(pl.lit(None, pl.Float64).alias(t.column) for t in compiled.terms if t.quantity in absent),
-            pl.lit(at, dtype=pl.Datetime("us", "UTC")).alias(_END),
-        )
-        .lazy()
+        .collect()
     )
-    results = _results(compiled, agg).sort("instance_id", "rule")
-    insufficient = _insufficient(compiled, agg, absent).sort("instance_id", "rule", "quantity").collect()
-    return Evaluation(at, results, insufficient)
+    if engines is not None:
+        per_instance = per_instance.join(_engine_lookup(engines), on="instance_id", how="left")
+    out = (
+        per_instance.lazy()
+        .with_columns(
+            pl.lit(at, dtype=_TS).alias(_END),
+            *(pl.lit(None, pl.Float64).alias(t.column) for t in compiled.terms if t.quantity in absent),
+            *fitted,
+        )
+        .select("instance_id", "engine", _END, *_verdicts(compiled))
+        .collect(engine="in-memory")  # one row per instance: no morsels to stream
+    )
+    instance = _rank(out["instance_id"])
+    return Evaluation(at, _results(compiled, out, [instance]), _insufficient(compiled, out, absent, instance))
 
 
 # --- evaluation at every timestamp -----------------------------------------------------------------
 
 
-def _rolling_terms(compiled: CompiledRules, present: set[str]) -> list[pl.Expr]:
-    """Every term at every row: the same window `(ts - window, ts]`, per instance."""
+def _rolling_fit(term: Term, t: pl.Expr) -> list[pl.Expr]:
+    """A trend's window sums at every row, over x = ts - (the row's ts): rolling sums of t and y,
+    shifted to the row's own time (t is seconds from the frame's first row, which keeps t² small)."""
+    q = pl.col(term.quantity)
+    known = q.is_not_null()
+    tk = pl.when(known).then(t)
+
+    def rolling(e: pl.Expr) -> pl.Expr:
+        return e.fill_null(0.0).rolling_sum_by("ts", term.window).over("instance_id")
+
+    n, st, stt = rolling(known.cast(pl.Float64)), rolling(tk), rolling(tk * tk)
+    sy, sty = rolling(q), rolling(tk * q)
+    stats = (
+        n,
+        st - n * t,
+        stt - 2.0 * t * st + n * t * t,
+        sy,
+        sty - t * sy,
+        q.rolling_min_by("ts", term.window).over("instance_id"),
+        q.rolling_max_by("ts", term.window).over("instance_id"),
+    )
+    return [e.alias(term.fit + name) for name, e in zip(_FIT_STATS, stats, strict=True)]
+
+
+def _rolling_terms(
+    compiled: CompiledRules, present: set[str], origin: datetime
+) -> tuple[list[pl.Expr], list[pl.Expr]]:
+    """Every term at every row: the same window `(ts - window, ts]`, per instance; trends as their
+    window sums first, then the fit."""
     exprs: list[pl.Expr] = []
+    fits: dict[str, list[pl.Expr]] = {}
+    fitted: list[pl.Expr] = []
+    t = (pl.col("ts") - pl.lit(origin, dtype=_TS)).dt.total_microseconds() / 1e6
     for term in compiled.terms:
         if term.quantity not in present:
             exprs.append(pl.lit(None, pl.Float64).alias(term.column))
             continue
         q = pl.col(term.quantity)
         expr: pl.Expr
+        if term.reduce.trend:
+            fits.setdefault(term.fit, _rolling_fit(term, t))
+            fitted.append(_fitted(term))
+            continue
         if term.reduce is Reduce.LAST:
             # The latest known sample, if it falls inside the window (rows are sorted by ts).
             latest = pl.when(q.is_not_null()).then(pl.col("ts")).rolling_max_by("ts", term.window)
@@ -483,10 +666,12 @@ def _rolling_terms(compiled: CompiledRules, present: set[str]) -> list[pl.Expr]:
         else:
             expr = q.rolling_min_by("ts", term.window).over("instance_id")
         exprs.append(expr.alias(term.column))
-    return exprs
+    return [*exprs, *(e for stats in fits.values() for e in stats)], fitted
 
 
-def evaluate_series(compiled: CompiledRules, frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
+def evaluate_series(
+    compiled: CompiledRules, frame: pl.DataFrame | pl.LazyFrame, *, engines: Mapping[str, str] | None = None
+) -> pl.DataFrame:
     """Evaluate every rule at every row's own timestamp, in one pass (backtests, `rules test`).
 
     Returns RESULT_SCHEMA rows where a rule holds, `window_end` being the evaluation time; the rows at
@@ -494,15 +679,27 @@ def evaluate_series(compiled: CompiledRules, frame: pl.DataFrame | pl.LazyFrame)
     (instance_id, ts) must be unique.
     """
     names = frame.collect_schema().names()
-    _check_frame(names)
+    _check_frame(names, engines)
     present = set(names) & compiled.quantities
-    keep = ["instance_id", "engine", "ts", *sorted(present)]
+    keep = ["instance_id", "ts", *sorted(present)]
+    lazy = frame.lazy().select(keep if engines is not None else ["engine", *keep])
+    if engines is not None:
+        lazy = lazy.join(_engine_lookup(engines).lazy(), on="instance_id", how="left")
     # Sorted once, eagerly: forward_fill over an instance needs its rows in time order.
-    rows = frame.lazy().select(keep).collect().sort("instance_id", "ts")
-    evaluated = rows.lazy().with_columns(
-        *_rolling_terms(compiled, present), pl.col("ts").cast(pl.Datetime("us", "UTC")).alias(_END)
+    rows = lazy.collect().sort("instance_id", "ts")
+    if rows.height == 0:
+        return pl.DataFrame(schema=RESULT_SCHEMA)
+    origin = rows["ts"].min()
+    assert isinstance(origin, datetime)
+    terms, fitted = _rolling_terms(compiled, present, origin)
+    evaluated = (
+        rows.lazy()
+        .with_columns(*terms, pl.col("ts").cast(_TS).alias(_END))
+        .with_columns(fitted)
+        .select("instance_id", "engine", _END, *_verdicts(compiled))
+        .collect()
     )
-    return _results(compiled, evaluated).sort("window_end", "instance_id", "rule")
+    return _results(compiled, evaluated, [_rank(evaluated[_END]), _rank(evaluated["instance_id"])])
 
 
 # --- the specification in plain Python -------------------------------------------------------------
@@ -517,6 +714,23 @@ class ReferenceFinding:
     severity: Severity
     value: float
     threshold: float
+
+
+def _fit(points: Sequence[tuple[float, float]], how: Reduce, ahead: timedelta | None) -> float | None:
+    """`slope` or `predict` of (x = seconds from `at`, y) points, by the same formula as `_fitted`."""
+    if len(points) < 2:
+        return None
+    n = float(len(points))
+    sx = sum(x for x, _ in points)
+    sxx = sum(x * x for x, _ in points)
+    sy = sum(y for _, y in points)
+    sxy = sum(x * y for x, y in points)
+    lo, hi = min(y for _, y in points), max(y for _, y in points)
+    slope = 0.0 if lo == hi else (sxy - sx * sy / n) / (sxx - sx * sx / n)
+    if how is Reduce.SLOPE:
+        return slope
+    intercept = lo if lo == hi else sy / n - slope * sx / n
+    return intercept + slope * (ahead or timedelta(0)).total_seconds()
 
 
 def _reduce(values: list[float], how: Reduce) -> float | None:
@@ -558,14 +772,19 @@ def evaluate_reference(
                 continue
             window = samples[bisect.bisect_right(samples, start, key=lambda s: s[0]) : end]
 
-            def reduced(quantity: str, how: Reduce, window: Sequence[Sample] = window) -> float | None:
-                return _reduce([v for _, values in window if (v := values.get(quantity)) is not None], how)
+            def reduced(
+                quantity: str, how: Reduce, ahead: timedelta | None, window: Sequence[Sample] = window
+            ) -> float | None:
+                known = [(ts, v) for ts, values in window if (v := values.get(quantity)) is not None]
+                if how.trend:
+                    return _fit([((ts - at).total_seconds(), v) for ts, v in known], how, ahead)
+                return _reduce([v for _, v in known], how)
 
-            value = reduced(rule.quantity, rule.reduce)
+            value = reduced(rule.quantity, rule.reduce, rule.ahead_of())
             outcomes: list[bool | None] = [None if value is None else rule.op.holds(value, ladder[-1][1])]
             missing = [rule.quantity] if value is None else []
             for c in rule.and_:
-                v = reduced(c.quantity, c.reduce or rule.reduce)
+                v = reduced(c.quantity, c.reduce or rule.reduce, rule.ahead_of(c))
                 outcomes.append(None if v is None else c.op.holds(v, c.value))
                 if v is None:
                     missing.append(c.quantity)

@@ -48,20 +48,38 @@ class Detector:
         self.state = await self.store.load_finding_state()
 
     async def evaluate_history(
-        self, at: datetime, engines: Mapping[str, str], instance_id: str | None = None
+        self,
+        at: datetime,
+        engines: Mapping[str, str],
+        instance_id: str | None = None,
+        extra: pl.DataFrame | None = None,
     ) -> Evaluation:
-        """Evaluate every rule at `at` over the stored scrapes of the rules' widest window."""
+        """Evaluate every rule at `at` over the stored scrapes of the rules' widest window, plus
+        `extra` rows of the same shape (instances analysed from PromQL)."""
         frame = await self.store.recent_scrapes(
             at - self.compiled.max_window, at, self.compiled.quantities, instance_id
         )
-        return await asyncio.to_thread(evaluate, self.compiled, with_engines(frame, engines), at)
+        if extra is not None and extra.height:
+            frame = pl.concat([frame, extra], how="diagonal_relaxed")
+        # Engines per instance, not joined onto every row: the rules need one engine per instance.
+        return await asyncio.to_thread(evaluate, self.compiled, frame, at, engines=engines)
 
-    async def run_cycle(self, at: datetime, engines: Mapping[str, str]) -> Step:
-        """One evaluation of the whole fleet, folded into the persisted findings."""
+    async def run_cycle(
+        self,
+        at: datetime,
+        engines: Mapping[str, str],
+        extra: pl.DataFrame | None = None,
+        more_results: pl.DataFrame | None = None,
+    ) -> Step:
+        """One evaluation of the whole fleet (`extra`: rows computed by Prometheus), folded into the
+        persisted findings with `more_results` (RESULT_SCHEMA rows of other evaluations: SLO burn rates)."""
         async with self._lock:  # cycles never overlap: each one reads the state the last one wrote
             started = time.perf_counter()
-            evaluation = await self.evaluate_history(at, engines)
-            step = self.tracker.advance(self.state, evaluation.results, at)
+            evaluation = await self.evaluate_history(at, engines, extra=extra)
+            results = evaluation.results
+            if more_results is not None and more_results.height:
+                results = pl.concat([results, more_results], how="diagonal_relaxed")
+            step = self.tracker.advance(self.state, results, at)
             await self.store.save_findings(step)
             self.state = step.state
             self.evaluations += 1

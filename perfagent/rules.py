@@ -2,8 +2,9 @@
 
 A rule file follows Prometheus alerting-rule files (`groups:` of `rules:`) and adds what this domain
 needs: a bottleneck `type`, a severity ladder of thresholds in the catalog unit of the `quantity` read,
-extra `and:` conditions, and an optional look-back window (`over`, `reduce`). Every problem names the
-file, the rule and the line; built-in rules go through the same loader as users' own.
+extra `and:` conditions, and an optional look-back window (`over`, `reduce`), whose reduction may be a
+trend (`slope`, or `predict` with `ahead`, as PromQL's `deriv` and `predict_linear`). Every problem
+names the file, the rule and the line; built-in rules go through the same loader as users' own.
 """
 
 from __future__ import annotations
@@ -86,12 +87,23 @@ class Op(StrEnum):
 
 
 class Reduce(StrEnum):
-    """How the samples of a look-back window become one value (nulls are skipped)."""
+    """How the samples of a look-back window become one value (nulls are skipped).
+
+    `slope` and `predict` fit a least-squares line through the window's samples, as PromQL's
+    `deriv(x[w])` (the slope, per second) and `predict_linear(x[w], ahead)` (the line's value `ahead`
+    after the evaluation time) do; both need at least two samples.
+    """
 
     MEAN = "mean"
     MAX = "max"
     MIN = "min"
     LAST = "last"
+    SLOPE = "slope"
+    PREDICT = "predict"
+
+    @property
+    def trend(self) -> bool:
+        return self in (Reduce.SLOPE, Reduce.PREDICT)
 
 
 # --- durations -------------------------------------------------------------------------------------
@@ -149,7 +161,10 @@ Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 # What `{...}` may name in `summary` and `description`.
 TEMPLATE_FIELDS: Final[frozenset[str]] = frozenset(
-    {"value", "threshold", "instance", "engine", "unit", "severity", "quantity", "rule", "type", "window"}
+    {
+        *("value", "threshold", "instance", "engine", "unit", "severity", "quantity", "rule", "type"),
+        *("window", "ahead"),
+    }
 )
 _NUMERIC_FIELDS: Final[frozenset[str]] = frozenset({"value", "threshold"})
 _SPEC_RE: Final = re.compile(r"^\.(?P<digits>\d)(?P<kind>[f%])$")
@@ -214,10 +229,13 @@ def _check_quantity(name: str, info: ValidationInfo) -> str:
     return name
 
 
-def _check_value_unit(value: float, quantity: str | None, info: ValidationInfo) -> None:
-    """Thresholds are in the catalog unit of the quantity they compare with."""
+def _check_value_unit(
+    value: float, quantity: str | None, info: ValidationInfo, reduce: Reduce | None = None
+) -> None:
+    """Thresholds are in the catalog unit of the quantity they compare with; a projection
+    (`predict`) too. A slope is that unit per second, of either sign, so it has no range."""
     catalog = _catalog(info)
-    if quantity is None or quantity not in catalog:
+    if quantity is None or quantity not in catalog or reduce is Reduce.SLOPE:
         return  # the quantity error is reported on its own
     unit = catalog[quantity].unit
     if unit is Unit.RATIO and not 0 <= value <= 1:
@@ -232,21 +250,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _positive_duration(value: timedelta | None) -> timedelta | None:
+    if value is not None and value <= timedelta(0):
+        raise ValueError("the duration must be longer than 0s")
+    return value
+
+
 class Condition(_Strict):
-    """An extra condition that must hold together with the rule's own (`and:`)."""
+    """An extra condition that must hold together with the rule's own (`and:`). Its value's unit is
+    checked by the rule, which knows the reduction a condition inherits."""
 
     quantity: str
     op: Op
     value: FiniteFloat
     reduce: Reduce | None = None  # default: the rule's
+    ahead: Duration | None = None  # for `predict`; default: the rule's
 
     _quantity = field_validator("quantity")(_check_quantity)
-
-    @field_validator("value")
-    @classmethod
-    def _unit_range(cls, value: float, info: ValidationInfo) -> float:
-        _check_value_unit(value, info.data.get("quantity"), info)
-        return value
+    _ahead = field_validator("ahead")(_positive_duration)
 
 
 class Annotations(_Strict):
@@ -278,6 +299,8 @@ class Rule(_Strict):
     reduce: Reduce = Reduce.LAST
     thresholds: dict[Severity, FiniteFloat]
     and_: tuple[Condition, ...] = Field(default=(), alias="and")
+    # After `and`: whether `ahead` is needed, or used at all, depends on the conditions too.
+    ahead: Duration | None = Field(default=None, validate_default=True)
     for_: Duration = Field(default=timedelta(0), alias="for")
     keep_firing_for: Duration = timedelta(0)
     labels: dict[str, str] = Field(default_factory=dict)
@@ -318,7 +341,7 @@ class Rule(_Strict):
         # Messages start with the offending rung, which the loader turns into that rung's line.
         for severity, value in ladder.items():
             try:
-                _check_value_unit(value, info.data.get("quantity"), info)
+                _check_value_unit(value, info.data.get("quantity"), info, info.data.get("reduce"))
             except ValueError as exc:
                 raise ValueError(f"{severity.value}: {exc}") from None
         op = info.data.get("op")
@@ -337,11 +360,43 @@ class Rule(_Strict):
     @field_validator("and_")
     @classmethod
     def _and_reduce(cls, conditions: tuple[Condition, ...], info: ValidationInfo) -> tuple[Condition, ...]:
-        if "over" in info.data and info.data["over"] is None:
-            for i, c in enumerate(conditions):
-                if c.reduce not in (None, Reduce.LAST):
-                    raise ValueError(f"{i}: reduce: {c.reduce.value} needs a window: add `over:` to the rule")
+        # Messages lead with the condition's index and field, which the loader turns into its line.
+        for i, c in enumerate(conditions):
+            if c.reduce not in (None, Reduce.LAST) and "over" in info.data and info.data["over"] is None:
+                raise ValueError(f"{i}: reduce: {c.reduce.value} needs a window: add `over:` to the rule")
+            try:
+                _check_value_unit(c.value, c.quantity, info, c.reduce or info.data.get("reduce"))
+            except ValueError as exc:
+                raise ValueError(f"{i}: value: {exc}") from None
         return conditions
+
+    @field_validator("ahead")
+    @classmethod
+    def _ahead(cls, ahead: timedelta | None, info: ValidationInfo) -> timedelta | None:
+        """`ahead` is how far `predict` projects: required by it, positive, and an error elsewhere."""
+        _positive_duration(ahead)
+        reduce, conditions = info.data.get("reduce"), info.data.get("and_", ())
+        if reduce is Reduce.PREDICT and ahead is None:
+            raise ValueError("reduce: predict needs `ahead:`, how far to project (e.g. ahead: 10m)")
+        for i, c in enumerate(conditions):
+            effective = c.reduce or reduce
+            if effective is Reduce.PREDICT and c.ahead is None and ahead is None:
+                raise ValueError(f"and: {i}: reduce: predict needs `ahead:` on the condition or the rule")
+            if effective is not Reduce.PREDICT and c.ahead is not None and effective is not None:
+                raise ValueError(f"and: {i}: ahead: only `reduce: predict` projects ahead")
+        uses = reduce is Reduce.PREDICT or any(
+            c.reduce is Reduce.PREDICT and c.ahead is None for c in conditions
+        )
+        if ahead is not None and reduce is not None and not uses:
+            raise ValueError("only `reduce: predict` projects ahead (here or in an `and:` condition)")
+        return ahead
+
+    def ahead_of(self, condition: Condition | None = None) -> timedelta | None:
+        """How far the rule's (or a condition's) `predict` projects; None for other reductions."""
+        reduce = self.reduce if condition is None else condition.reduce or self.reduce
+        if reduce is not Reduce.PREDICT:
+            return None
+        return (condition.ahead if condition is not None else None) or self.ahead
 
     def ladder(self) -> list[tuple[Severity, float]]:
         """The rungs from the highest severity down (the order the engine tries them in)."""
@@ -523,8 +578,9 @@ def validation_messages(
 ) -> Iterator[tuple[tuple[str | int, ...], str]]:
     """(location, message) for each error, worded for people editing YAML.
 
-    A validator message that starts with a key under the failing field (`MEDIUM: …`, `0: …`)
-    moves the location down to that key, so the line reported is the offending rung or item's.
+    A validator message that starts with keys under the failing field (`MEDIUM: …`, `0: value: …`),
+    or with a sibling of it (`reduce: …`), moves the location to that key, so the line reported is
+    the offending rung, item or field's.
     """
     for err in exc.errors(include_url=False):
         loc: tuple[str | int, ...] = tuple(err["loc"])
@@ -533,12 +589,16 @@ def validation_messages(
             yield loc, f"unknown field '{name}'{_did_you_mean(name, _fields_at(model, loc[:-1]))}"
             continue
         message = str(err["msg"]).removeprefix("Value error, ")
-        lead = _LEADING_KEY.match(message)
-        if lead is not None and node is not None:
+        first = True
+        while node is not None and (lead := _LEADING_KEY.match(message)) is not None:
             key: str | int = int(lead["key"]) if lead["key"].isdigit() else lead["key"]
-            parent = child_node(node, *loc)
-            if parent is not None and child_node(parent, key) is not None:
-                loc, message = (*loc, key), lead["rest"]
+            if child_node(node, *loc, key) is not None:
+                loc = (*loc, key)
+            elif first and loc and child_node(node, *loc[:-1], key) is not None:
+                loc = (*loc[:-1], key)  # e.g. a missing `ahead` reported at the `reduce` that needs it
+            else:
+                break
+            message, first = lead["rest"], False
         path = ".".join(str(p) for p in loc if p != "[key]")
         yield loc, f"{path}: {message}" if path else message
 

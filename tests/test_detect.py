@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -35,6 +36,19 @@ QUANTITIES = {
     "requests_waiting": AMOUNT,
     "ttft_seconds_p99": AMOUNT,
 }
+# Slope thresholds (unit per second, either sign), on the scale the samples' steps every 15s give.
+SLOPES = {
+    "kv_cache_usage": st.integers(-8, 8).map(lambda i: i / 256),
+    "prefix_cache_hit_rate": st.integers(-8, 8).map(lambda i: i / 256),
+    "requests_waiting": st.integers(-16, 16).map(lambda i: i / 32),
+    "ttft_seconds_p99": st.integers(-16, 16).map(lambda i: i / 32),
+}
+
+
+def grid(quantity: str, reduce: Reduce) -> st.SearchStrategy[float]:
+    return SLOPES[quantity] if reduce is Reduce.SLOPE else QUANTITIES[quantity]
+
+
 ENGINES = ["vllm", "tgi", "sglang", "other"]
 
 
@@ -72,24 +86,36 @@ def as_python(df: pl.DataFrame) -> dict[str, tuple[str, list[Sample]]]:
 
 
 @st.composite
-def rules(draw: st.DrawFn) -> dict[str, Any]:
+def rules(
+    draw: st.DrawFn,
+    reduces: Sequence[Reduce] = tuple(Reduce),
+    overs: Sequence[str | None] = (None, "30s", "1m", "2m"),
+) -> dict[str, Any]:
     quantity = draw(st.sampled_from(sorted(QUANTITIES)))
     op = draw(st.sampled_from(list(Op)))
+    over = draw(st.sampled_from(list(overs)))
+    reduce = draw(st.sampled_from(list(reduces))) if over else Reduce.LAST
     severities = draw(st.lists(st.sampled_from(list(Severity)), min_size=1, max_size=4, unique=True))
     values = draw(
-        st.lists(QUANTITIES[quantity], min_size=len(severities), max_size=len(severities), unique=True)
+        st.lists(grid(quantity, reduce), min_size=len(severities), max_size=len(severities), unique=True)
     )
     ordered = sorted(severities, key=lambda s: SEVERITY_RANK[s])
     ladder = dict(zip(ordered, sorted(values, reverse=not op.upward), strict=True))
-    over = draw(st.sampled_from([None, "30s", "1m", "2m"]))
-    reduce = draw(st.sampled_from(list(Reduce))) if over else Reduce.LAST
     conditions = []
+    predicts = reduce is Reduce.PREDICT  # something reads the rule's `ahead`
     for _ in range(draw(st.integers(0, 2))):
         q = draw(st.sampled_from(sorted(QUANTITIES)))
         cond: dict[str, Any] = {"quantity": q, "op": draw(st.sampled_from(list(Op))).value}
-        cond["value"] = draw(QUANTITIES[q])
+        how = reduce
         if over and draw(st.booleans()):
-            cond["reduce"] = draw(st.sampled_from(list(Reduce))).value
+            how = draw(st.sampled_from(list(Reduce)))
+            cond["reduce"] = how.value
+        cond["value"] = draw(grid(q, how))
+        if how is Reduce.PREDICT:
+            if draw(st.booleans()):
+                cond["ahead"] = draw(st.sampled_from(["15s", "1m", "7m"]))
+            else:
+                predicts = True
         conditions.append(cond)
     engines = draw(st.one_of(st.none(), st.lists(st.sampled_from(ENGINES[:3]), min_size=1, unique=True)))
     spec: dict[str, Any] = {
@@ -101,22 +127,31 @@ def rules(draw: st.DrawFn) -> dict[str, Any]:
     }
     if over:
         spec["over"] = over
+    if predicts:
+        spec["ahead"] = draw(st.sampled_from(["30s", "2m", "10m"]))
     if engines:
         spec["engines"] = engines
     return spec
 
 
 @st.composite
-def frames(draw: st.DrawFn) -> pl.DataFrame:
-    present = draw(st.lists(st.sampled_from(sorted(QUANTITIES)), unique=True, max_size=4))
+def frames(draw: st.DrawFn, dense: bool = False) -> pl.DataFrame:
+    """Up to 4 instances with random samples; `dense`: most steps sampled, few nulls (trends need
+    two samples in their window to say anything)."""
+    present = (
+        sorted(QUANTITIES)
+        if dense
+        else draw(st.lists(st.sampled_from(sorted(QUANTITIES)), unique=True, max_size=4))
+    )
     rows = []
     for n in range(draw(st.integers(1, 4))):
         engine = draw(st.sampled_from(ENGINES))
-        steps = draw(st.lists(st.integers(0, 14), unique=True, min_size=1, max_size=15))
+        steps = draw(st.lists(st.integers(0, 14), unique=True, min_size=10 if dense else 1, max_size=15))
         for t in steps:
             row: dict[str, Any] = {"i": f"i{n}", "e": engine, "t": t}
             for q in present:
-                row[q] = draw(st.one_of(st.none(), QUANTITIES[q]))
+                missing = draw(st.integers(0, 9)) == 0 if dense else draw(st.booleans())
+                row[q] = None if missing else draw(QUANTITIES[q])
             rows.append(row)
     return frame(rows, present).sample(fraction=1.0, shuffle=True, seed=0)
 
@@ -128,20 +163,31 @@ def findings(df: pl.DataFrame) -> set[tuple[str, str, str, float, float]]:
     }
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     specs=st.lists(rules(), min_size=1, max_size=4),
     df=frames(),
     at_step=st.integers(0, 16),
     offset=st.sampled_from([0, 7]),
     lookback=st.sampled_from([timedelta(seconds=45), timedelta(minutes=5)]),
+    engines_apart=st.booleans(),
 )
 def test_vectorized_equals_the_per_instance_reference(
-    specs: list[dict[str, Any]], df: pl.DataFrame, at_step: int, offset: int, lookback: timedelta
+    specs: list[dict[str, Any]],
+    df: pl.DataFrame,
+    at_step: int,
+    offset: int,
+    lookback: timedelta,
+    engines_apart: bool,
 ) -> None:
     ruleset = loaded(*specs)
     at = T0 + at_step * STEP + timedelta(seconds=offset)
-    result = evaluate(compile_rules(ruleset, lookback=lookback), df, at)
+    compiled = compile_rules(ruleset, lookback=lookback)
+    if engines_apart:  # as `Detector` passes them: per instance, the frame without an engine column
+        engines = dict(df.select("instance_id", "engine").unique().iter_rows())
+        result = evaluate(compiled, df.drop("engine"), at, engines=engines)
+    else:
+        result = evaluate(compiled, df, at)
     expected, missing = evaluate_reference(ruleset, as_python(df), at, lookback=lookback)
     assert findings(result.results) == {
         (f.instance_id, f.rule, f.severity.value, f.value, f.threshold) for f in expected
@@ -167,6 +213,37 @@ def test_evaluate_series_equals_evaluate_at_every_timestamp(
         at_once = evaluate(compiled, df, ts).results.filter(pl.col("instance_id").is_in(sampled))
         in_series = series.filter(pl.col("window_end") == ts).sort("instance_id", "rule")
         assert at_once.equals(in_series), (ts, at_once, in_series)
+
+
+TRENDS = (Reduce.SLOPE, Reduce.PREDICT)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    specs=st.lists(rules(reduces=TRENDS, overs=("1m", "2m", "5m")), min_size=1, max_size=3),
+    df=frames(dense=True),
+    at_step=st.integers(2, 16),
+    offset=st.sampled_from([0, 7]),
+)
+def test_trends_equal_the_reference_and_the_series(
+    specs: list[dict[str, Any]], df: pl.DataFrame, at_step: int, offset: int
+) -> None:
+    """Slopes and projections on dense data (where fits exist): the vectorized evaluation equals the
+    reference at one time, and the rolling series equals the evaluation at every sampled time."""
+    ruleset = loaded(*specs)
+    compiled = compile_rules(ruleset)
+    at = T0 + at_step * STEP + timedelta(seconds=offset)
+    result = evaluate(compiled, df, at)
+    expected, missing = evaluate_reference(ruleset, as_python(df), at)
+    assert findings(result.results) == {
+        (f.instance_id, f.rule, f.severity.value, f.value, f.threshold) for f in expected
+    }
+    assert set(result.insufficient.select("instance_id", "rule", "quantity").rows()) == missing
+    series = evaluate_series(compiled, df)
+    for ts in df["ts"].unique().sort():
+        sampled = df.filter(pl.col("ts") == ts)["instance_id"].implode()
+        at_once = evaluate(compiled, df, ts).results.filter(pl.col("instance_id").is_in(sampled))
+        assert at_once.equals(series.filter(pl.col("window_end") == ts)), ts
 
 
 # --- semantics, one by one -------------------------------------------------------------------------
@@ -349,3 +426,126 @@ def test_a_frame_without_identity_columns_is_rejected() -> None:
     compiled = compile_rules(loaded({"quantity": "kv_cache_usage", "op": ">", "thresholds": {"HIGH": 0.8}}))
     with pytest.raises(ValueError, match="engine"):
         evaluate(compiled, frame([{"i": "a", "t": 0, "kv_cache_usage": 1.0}]).drop("engine"), T0)
+
+
+# --- trends ----------------------------------------------------------------------------------------
+
+
+def test_slope_and_projection_are_the_least_squares_line() -> None:
+    """`slope` and `predict` equal an independent least-squares fit (NumPy) of the window's samples,
+    with x relative to the evaluation time; samples outside the window do not count."""
+    values = [0.9, 0.1, 0.2, 0.22, 0.35, 0.33, 0.5, 0.48, 0.61]  # the first is outside the 2m window
+    df = frame([{"i": "a", "t": t, "kv_cache_usage": v} for t, v in enumerate(values)])
+    ruleset = loaded(
+        {"quantity": "kv_cache_usage", "op": ">", "over": "2m", "reduce": "slope", "thresholds": {"LOW": -1}},
+        {
+            "quantity": "kv_cache_usage",
+            "op": ">=",
+            "over": "2m",
+            "reduce": "predict",
+            "ahead": "10m",
+            "thresholds": {"LOW": 0},
+        },
+    )
+    at = T0 + 8 * STEP + timedelta(seconds=5)
+    got = dict(evaluate(compile_rules(ruleset), df, at).results.select("rule", "value").rows())
+    x = np.array([(t * STEP - 8 * STEP - timedelta(seconds=5)).total_seconds() for t in range(1, 9)])
+    slope, intercept = np.polyfit(x, np.array(values[1:]), 1)
+    assert got["R0"] == pytest.approx(slope, rel=1e-12)
+    assert got["R1"] == pytest.approx(intercept + slope * 600, rel=1e-12)
+
+
+def test_a_flat_window_has_slope_zero_and_projects_its_value() -> None:
+    ruleset = loaded(
+        {
+            "quantity": "requests_waiting",
+            "op": ">=",
+            "over": "1m",
+            "reduce": "slope",
+            "thresholds": {"LOW": 0},
+        },
+        {
+            "quantity": "requests_waiting",
+            "op": ">=",
+            "over": "1m",
+            "reduce": "predict",
+            "ahead": "1h",
+            "thresholds": {"LOW": 0},
+        },
+    )
+    df = frame([{"i": "a", "t": t, "requests_waiting": 0.3} for t in range(6)])
+    result = evaluate(compile_rules(ruleset), df, T0 + 5 * STEP)
+    assert result.results.select("rule", "value").rows() == [("R0", 0.0), ("R1", 0.3)]  # exactly
+
+
+def test_a_trend_needs_two_samples_in_its_window() -> None:
+    ruleset = loaded(
+        {"quantity": "kv_cache_usage", "op": ">", "over": "1m", "reduce": "slope", "thresholds": {"LOW": 0}}
+    )
+    df = frame(
+        [
+            {"i": "one", "t": 0, "kv_cache_usage": 0.1},  # outside the window at 1:00
+            {"i": "one", "t": 4, "kv_cache_usage": 0.5},
+            {"i": "two", "t": 3, "kv_cache_usage": 0.1},
+            {"i": "two", "t": 4, "kv_cache_usage": 0.5},
+        ]
+    )
+    result = evaluate(compile_rules(ruleset), df, T0 + 4 * STEP)
+    assert result.results["instance_id"].to_list() == ["two"]
+    assert result.insufficient.select("instance_id", "reason").rows() == [
+        ("one", "fewer than 2 samples of 'kv_cache_usage' in the 1m window")
+    ]
+
+
+def test_a_slope_is_per_second_and_templates_name_ahead() -> None:
+    ruleset = loaded(
+        {
+            "quantity": "requests_waiting",
+            "op": ">",
+            "over": "1m",
+            "reduce": "slope",
+            "thresholds": {"LOW": 0.1},
+            "annotations": {"summary": "{value} {unit} over {window}"},
+        },
+        {
+            "quantity": "requests_waiting",
+            "op": ">",
+            "over": "1m",
+            "reduce": "predict",
+            "ahead": "5m",
+            "thresholds": {"LOW": 50},
+            "annotations": {"summary": "{value} {unit} in {ahead}"},
+        },
+    )
+    # Three more requests waiting every 15 s: 0.2 per second.
+    df = frame([{"i": "a", "t": t, "requests_waiting": 3.0 * t} for t in range(5)])
+    rows = evaluate(compile_rules(ruleset), df, T0 + 4 * STEP).results.select("unit", "summary").rows()
+    assert rows == [("requests/s", "0.2 requests/s over 1m"), ("requests", "72 requests in 5m")]
+
+
+def test_engines_passed_apart_equal_an_engine_column() -> None:
+    """`engines=` (what `Detector` passes) gives what an engine column on every row gives, for the
+    rolling evaluation too; an instance missing from the mapping has no engine."""
+    ruleset = loaded(
+        {"quantity": "kv_cache_usage", "op": ">", "thresholds": {"HIGH": 0.8}, "engines": ["sglang"]},
+        {"quantity": "kv_cache_usage", "op": ">", "thresholds": {"HIGH": 0.8}},
+    )
+    df = frame(
+        [
+            {"i": i, "e": e, "t": t, "kv_cache_usage": 0.9}
+            for i, e in (("s", "sglang"), ("v", "vllm"))
+            for t in range(3)
+        ]
+    )
+    compiled = compile_rules(ruleset)
+    engines = {"s": "sglang", "v": "vllm"}
+    assert evaluate(compiled, df.drop("engine"), T0 + STEP, engines=engines).results.equals(
+        evaluate(compiled, df, T0 + STEP).results
+    )
+    assert evaluate_series(compiled, df.drop("engine"), engines=engines).equals(evaluate_series(compiled, df))
+    unknown = evaluate(compiled, df.drop("engine"), T0, engines={"s": "sglang"}).results
+    assert unknown.select("instance_id", "engine", "rule").rows() == [
+        ("s", "sglang", "R0"),
+        ("s", "sglang", "R1"),
+        ("v", None, "R1"),
+    ]

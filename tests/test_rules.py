@@ -25,7 +25,9 @@ from perfagent.rules import (
 
 BUILTIN_NAMES = {
     "KVCachePreemption",
+    "KVCacheFullSoon",
     "QueueBuildup",
+    "QueueGrowing",
     "SGLangConservativeScheduling",
     "HighTTFT",
     "HighInterTokenLatency",
@@ -130,6 +132,39 @@ def test_an_empty_file_holds_no_rules(tmp_path: Path) -> None:
         ("thresholds: {LOW: 0.5}\nkeep_firing_for: -1m\n", 10, r"keep_firing_for: bad duration"),
         # A reduction without a window.
         ("thresholds: {LOW: 0.5}\nreduce: mean\n", 10, r"reduce: mean needs a window"),
+        # Trends: a window, `ahead` for predict and only for it, projections in the quantity's unit.
+        ("thresholds: {LOW: 0.5}\nreduce: slope\n", 10, r"reduce: slope needs a window"),
+        (
+            "over: 5m\nreduce: predict\nthresholds: {HIGH: 1}\n",
+            10,
+            r"^reduce: predict needs `ahead:`, how far to project",
+        ),
+        (
+            "over: 5m\nreduce: mean\nahead: 10m\nthresholds: {HIGH: 1}\n",
+            11,
+            r"^ahead: only `reduce: predict`",
+        ),
+        (
+            "over: 5m\nreduce: predict\nahead: 0s\nthresholds: {HIGH: 1}\n",
+            11,
+            r"^ahead: the duration must be",
+        ),
+        (
+            "over: 5m\nreduce: predict\nahead: 10m\nthresholds: {HIGH: 1.5}\n",
+            12,
+            r"thresholds\.HIGH: 1\.5 is outside 0-1",
+        ),
+        (
+            "over: 5m\nthresholds: {LOW: 0.5}\nand:\n  - {quantity: requests_waiting, op: '>', value: 1, ahead: 5m}\n",
+            12,
+            r"^and\.0\.ahead: only `reduce: predict` projects ahead",
+        ),
+        (
+            "over: 5m\nthresholds: {LOW: 0.5}\nand:\n  - quantity: requests_waiting\n    op: '>'\n"
+            "    value: 1\n    reduce: predict\n",
+            15,
+            r"^and\.0\.reduce: predict needs `ahead:` on the condition or the rule",
+        ),
         # A typo in a field name.
         ("tresholds: {LOW: 0.5}\n", 9, r"unknown field 'tresholds' \(did you mean 'thresholds'\?\)"),
         # Unknown engine.
@@ -331,3 +366,53 @@ def test_durations(text: str, expected: timedelta) -> None:
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError, match=r"bad duration|expected a duration"):
         parse_duration(text)
+
+
+def test_trend_thresholds_and_conditions(tmp_path: Path) -> None:
+    """A slope is the quantity's unit per second, of either sign; a condition inherits the rule's
+    reduction (and `ahead`) and is checked with it."""
+    path = write(
+        tmp_path,
+        """\
+        groups:
+          - name: g
+            rules:
+              - name: Falling
+                type: LOW_THROUGHPUT
+                quantity: generation_tokens_per_second
+                op: "<"
+                over: 5m
+                reduce: slope
+                thresholds: {LOW: -1, HIGH: -10}
+                and:
+                  - {quantity: requests_waiting, op: ">", value: -0.5}
+                recommendation: r
+              - name: Projected
+                type: MEMORY_PRESSURE
+                quantity: kv_cache_usage
+                op: ">="
+                over: 10m
+                reduce: mean
+                thresholds: {LOW: 0.5}
+                and:
+                  - {quantity: kv_cache_usage, op: ">=", value: 1, reduce: predict}
+                ahead: 10m
+                recommendation: r
+        """,
+    )
+    ruleset = load_rules([path], builtin=False)
+    falling, projected = ruleset.rules
+    assert falling.rule.reduce is Reduce.SLOPE and falling.rule.ladder()[0] == (Severity.HIGH, -10)
+    assert falling.rule.ahead_of() is None
+    (condition,) = projected.rule.and_
+    assert projected.rule.ahead_of() is None and projected.rule.ahead_of(condition) == timedelta(minutes=10)
+
+
+def test_subdirectories_are_not_read(tmp_path: Path) -> None:
+    """`rules/tests/` (rule unit tests) and `rules/slos/` (SLO files) sit under a rules directory:
+    only the directory's own files are rule files."""
+    write(tmp_path, GOOD_RULE)
+    (tmp_path / "slos").mkdir()
+    write(tmp_path / "slos", "slos: [{name: not a rule file}]\n", "availability.yaml")
+    assert load_rules([tmp_path], builtin=False).names == ("Good",)
+    assert all(p.parent == BUILTIN_RULES_DIR for p in load_rules().files)

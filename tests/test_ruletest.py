@@ -130,7 +130,7 @@ def test_explicit_lists() -> None:
 
 def test_check_accepts_the_builtin_rules(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli("rules", "check", str(BUILTIN_RULES_DIR)) == 0
-    assert capsys.readouterr().out.startswith("OK: 7 rule(s) in 5 file(s)")
+    assert capsys.readouterr().out.startswith("OK: 9 rule(s) in 5 file(s)")
 
 
 def test_check_reports_an_override(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
