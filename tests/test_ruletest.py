@@ -40,6 +40,7 @@ def cli(*argv: str) -> int:
 
 
 def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(text), encoding="utf-8")
     return path
 
@@ -168,6 +169,43 @@ def test_check_fails_on_a_bad_directory_naming_file_and_line(
         "'kv_cache_usage' (ratio): write 0.9, not 90"
     )
     assert err[-1] == "FAILED: 1 problem(s)"
+
+
+def test_check_validates_the_slos_of_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write(
+        tmp_path / "slos" / "ttft.yaml",
+        """\
+        slos:
+          - name: my-ttft
+            engines: [vllm]
+            histogram: ttft_seconds
+            threshold: 2
+            objective: 0.95
+        """,
+    )
+    assert cli("rules", "check", str(tmp_path)) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"{tmp_path / 'slos' / 'ttft.yaml'}:")
+    assert "slo 'my-ttft'" in err[0] and "bucket edge" in err[0]
+    assert err[-1] == "FAILED: 1 problem(s)"
+
+
+def test_check_accepts_a_valid_slo_file_named_directly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path / "slos" / "ttft.yaml",
+        """\
+        slos:
+          - name: my-ttft
+            engines: [vllm]
+            histogram: ttft_seconds
+            threshold: 2.5
+            objective: 0.99
+        """,
+    )
+    assert cli("rules", "check", str(path)) == 0
+    assert "OK: 1 SLO(s) in 1 file(s)" in capsys.readouterr().out
 
 
 def test_test_command_runs_the_builtin_tests(capsys: pytest.CaptureFixture[str]) -> None:
