@@ -10,8 +10,10 @@ a finding. `and:` conditions combine with Kleene logic: one known-false conditio
 false; an unknown one leaves it insufficient. Trends (`slope`, `predict`) are Prometheus's
 least-squares line (`deriv`, `predict_linear`), from window sums.
 
-One evaluation is one grouped aggregation of every rule's terms over the window's rows, the rules'
-verdicts over the per-instance rows, and result rows built only where a rule holds.
+One evaluation reduces every rule's terms over each instance's rows of the window with NumPy
+(`_Groups`: no loop over instances; rows are put in (instance, ts) order explicitly, or checked to
+be), then takes the rules' verdicts over the per-instance rows in Polars and builds result rows only
+where a rule holds.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import bisect
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -75,8 +77,6 @@ INSUFFICIENT_SCHEMA: Final = pl.Schema(
 Index = np.ndarray[Any, np.dtype[np.int64]]
 
 _TS: Final = pl.Datetime("us", "UTC")
-_AGE: Final = "__age"  # at - ts, for the window masks of one evaluation
-_X: Final = "__x"  # ts - at in seconds, the abscissa of trend fits (negative: the past)
 _END: Final = "__end"  # the evaluation time of a row
 
 
@@ -155,10 +155,6 @@ class CompiledRules:
     first_rung: Index  # per rule, its first row in `rungs`
     rule_rank: Index  # per rule, its rank by name (the output order)
     pair_rank: Index  # per (rule, missing quantity), its rank likewise
-    # The aggregation plan per set of quantities present (`_window_aggs`), built on first use.
-    plans: dict[frozenset[str], tuple[list[pl.Expr], list[pl.Expr], list[pl.Expr]]] = field(
-        default_factory=dict
-    )
 
     @property
     def max_window(self) -> timedelta:
@@ -462,80 +458,233 @@ def _engine_lookup(engines: Mapping[str, str]) -> pl.DataFrame:
     )
 
 
-def _plan(
-    compiled: CompiledRules, present: frozenset[str]
-) -> tuple[list[pl.Expr], list[pl.Expr], list[pl.Expr]]:
-    """`_window_aggs`, built once per set of quantities present (frames rarely change columns)."""
-    plan = compiled.plans.get(present)
-    if plan is None:
-        plan = compiled.plans[present] = _window_aggs(compiled, present)
-    return plan
+# --- the window's aggregation ----------------------------------------------------------------------
+
+Floats = np.ndarray[Any, np.dtype[np.float64]]
+Mask = np.ndarray[Any, np.dtype[np.bool_]]
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _window_aggs(
-    compiled: CompiledRules, present: frozenset[str]
-) -> tuple[list[pl.Expr], list[pl.Expr], list[pl.Expr]]:
-    """Row-wise masks, per-instance aggregations, and the terms computed from aggregations (trends),
-    for every term whose column is present.
+class _Groups:
+    """The window's rows grouped by instance, each instance's rows in time order, and the vectorized
+    reductions per instance every term is computed from.
 
-    Masks turn samples outside a term's window into nulls, so every aggregation is a plain column
-    aggregation (mean/max/min/sum/count, or min_by age for `last`) on Polars' fast path instead of
-    a filter or an expression per group. A trend's sums are over x relative to the evaluation
-    time, as Prometheus takes them, which keeps them small and the fit well conditioned; a `min` or
-    `max` over a trend's window reuses the fit's.
+    Two layouts, both without a loop over instances. The store appends one row per instance per
+    scrape round, so its window is usually whole rounds of the same instances in the same order
+    (checked, never assumed): then a column reshaped to (rounds, instances) has each instance's
+    samples in a column, in time order, and reductions run along axis 0. Otherwise one explicit
+    stable sort by (instance, ts) makes each instance's rows a contiguous segment, reduced with
+    `ufunc.reduceat`. Arrays here are in that order; a mask left `None` selects every row.
+    Reductions are memoized per (quantity, window), so terms sharing a window's sums compute them
+    once.
     """
-    masks: dict[str, pl.Expr] = {}
-    aggs: dict[str, pl.Expr] = {}
-    fitted: list[pl.Expr] = []
-    widest = compiled.max_window
-    fits = {t.fit for t in compiled.terms if t.reduce.trend and t.quantity in present}
-    for term in compiled.terms:
-        if term.quantity not in present:
-            continue
-        q = pl.col(term.quantity)
-        in_window = pl.col(_AGE) < term.window
-        if term.reduce.trend:
-            x, y, xx, xy = (term.fit + c for c in ("x", "y", "xx", "xy"))
-            # Every row of the frame is inside the widest window: only nulls need masking there.
-            known = q.is_not_null() if term.window >= widest else in_window & q.is_not_null()
-            masks[x] = pl.when(known).then(pl.col(_X))
-            masks[xx] = pl.when(known).then(pl.col(_X) * pl.col(_X))  # products as columns: plain
-            masks[xy] = pl.when(known).then(pl.col(_X) * q)  # sums stay on the fast path
-            if term.window >= widest:
-                y = term.quantity
-            else:
-                masks[y] = pl.when(known).then(q)
-            stats = (
-                pl.col(x).count(),
-                pl.col(x).sum(),
-                pl.col(xx).sum(),
-                pl.col(y).sum(),
-                pl.col(xy).sum(),
-                pl.col(y).min(),
-                pl.col(y).max(),
-            )
-            aggs.update({term.fit + name: e for name, e in zip(_FIT_STATS, stats, strict=True)})
-            fitted.append(_fitted(term))
-        elif term.reduce is Reduce.LAST:
-            # min_by skips null keys: the key is the sample's age where the sample is known.
-            key = f"__age|{term.quantity}|{term.window}"
-            masks[key] = pl.when(in_window & q.is_not_null()).then(pl.col(_AGE))
-            aggs[term.column] = q.min_by(key)
-        elif term.reduce in (Reduce.MIN, Reduce.MAX) and term.fit in fits:
-            fitted.append(pl.col(term.fit + ("lo" if term.reduce is Reduce.MIN else "hi")).alias(term.column))
+
+    def __init__(self, rows: pl.DataFrame, at: datetime, widest: timedelta) -> None:
+        ids, ts = rows["instance_id"], rows["ts"]
+        self.rows, self.n, self.widest = rows, rows.height, _us(widest)
+        self.order: Index | None = None
+        period = _period(ids, ts)
+        self.rounds = period is not None
+        if period is not None:
+            self.k, self.starts = period, np.empty(0, dtype=np.int64)
+            self.first: Index = np.arange(period)
+            self.last: Index = np.arange(self.n - period, self.n)
+            self.lengths: Index = np.full(period, self.n // period)
         else:
-            source = term.quantity
-            if term.window < widest:
-                source = f"__in|{term.quantity}|{term.window}"
-                masks[source] = pl.when(in_window).then(q)
-            column = pl.col(source)
-            if term.reduce is Reduce.MEAN:
-                aggs[term.column] = column.mean()
-            elif term.reduce is Reduce.MAX:
-                aggs[term.column] = column.max()
+            starts = _segments(ids, ts)
+            if starts is None:  # one explicit stable sort: by time, then by instance
+                codes = ids.rank("dense").fill_null(0).to_numpy()
+                order = np.argsort(codes, kind="stable")
+                if not ts.is_sorted():
+                    by_time = np.argsort(ts.dt.epoch("us").to_numpy(), kind="stable")
+                    order = by_time[np.argsort(codes[by_time], kind="stable")]
+                grouped = codes[order]
+                self.order = order.astype(np.int64)
+                starts = np.flatnonzero(np.concatenate(([True], grouped[1:] != grouped[:-1])))
+            self.k, self.starts = starts.size, starts
+            self.first, self.last = starts, np.append(starts[1:], self.n) - 1
+            self.lengths = self.last + 1 - self.first
+        # Nulls as NaN (one query for every column): NumPy reads the buffers without a copy.
+        self.filled = rows.select(
+            pl.col(c).cast(pl.Float64).fill_null(float("nan"))
+            for c in rows.columns
+            if c not in ("instance_id", "engine", "ts")
+        )
+        self.age = (at - _EPOCH) // timedelta(microseconds=1) - self._ordered(ts.dt.epoch("us"))  # µs
+        self._columns: dict[str, tuple[Floats, Mask | None]] = {}
+        self._masks: dict[tuple[str, int], Mask | None] = {}
+        self._counts: dict[tuple[str, int], Index] = {}
+        self._reduced: dict[tuple[str, str, int], Floats] = {}
+
+    def _ordered(self, series: pl.Series) -> Any:
+        values = series.to_numpy()
+        return values if self.order is None else values[self.order]
+
+    def pick(self, series: pl.Series, rows: Index) -> pl.Series:
+        """`series` at the given rows (of this order)."""
+        return series.gather(rows if self.order is None else self.order[rows])
+
+    def reduce(self, ufunc: np.ufunc, values: Any, dtype: Any = None) -> Any:
+        """`ufunc` over each instance's rows."""
+        if self.rounds:
+            return ufunc.reduce(values.reshape(-1, self.k), axis=0, dtype=dtype)
+        return ufunc.reduceat(values, self.starts, dtype=dtype)
+
+    def column(self, quantity: str) -> tuple[Floats, Mask | None]:
+        """A quantity's values (null as NaN) and where they are known."""
+        if quantity not in self._columns:
+            series = self.rows[quantity]
+            values: Floats = self._ordered(self.filled[quantity])
+            known: Mask | None = None
+            if series.null_count():
+                known = ~np.isnan(values)
+                if np.count_nonzero(~known) != series.null_count():  # NaN samples too: known
+                    known = self._ordered(series.is_not_null())
+            self._columns[quantity] = values, known
+        return self._columns[quantity]
+
+    def known(self, quantity: str, window: int) -> Mask | None:
+        """Where a quantity is known inside the window `(at - window, at]` (every row is inside the
+        widest)."""
+        key = (quantity, window)
+        if key not in self._masks:
+            known = self.column(quantity)[1]
+            if window < self.widest:
+                inside = self.age < window
+                known = inside if known is None else inside & known
+            self._masks[key] = known
+        return self._masks[key]
+
+    def count(self, quantity: str, window: int) -> Index:
+        key = (quantity, window)
+        if key not in self._counts:
+            known = self.known(quantity, window)
+            self._counts[key] = self.lengths if known is None else self.reduce(np.add, known, dtype=np.int64)
+        return self._counts[key]
+
+    def sum(self, values: Floats, known: Mask | None) -> Floats:
+        out: Floats = self.reduce(np.add, values if known is None else np.where(known, values, 0.0))
+        return out
+
+    def zeroed(self, quantity: str, window: int) -> Floats:
+        """A quantity's values in the window, 0 where not known."""
+        key = (quantity, "zeroed", window)
+        if key not in self._reduced:
+            values, known = self.column(quantity)[0], self.known(quantity, window)
+            self._reduced[key] = values if known is None else np.where(known, values, 0.0)
+        return self._reduced[key]
+
+    def reduced(self, quantity: str, how: str, window: int) -> Floats:
+        """`sum`, `min` or `max` (NaN-skipping, as Polars' min and max) of a quantity's known values
+        in the window; 0 or NaN where there are none."""
+        key = (quantity, how, window)
+        if key not in self._reduced:
+            values, known = self.column(quantity)[0], self.known(quantity, window)
+            if how == "sum":
+                out = self.sum(self.zeroed(quantity, window), None)
             else:
-                aggs[term.column] = column.min()
-    return [e.alias(k) for k, e in masks.items()], [e.alias(k) for k, e in aggs.items()], fitted
+                masked = values if known is None else np.where(known, values, np.nan)
+                out = self.reduce(np.fmin if how == "min" else np.fmax, masked)
+            self._reduced[key] = out
+        return self._reduced[key]
+
+    def latest(self, quantity: str, window: int) -> tuple[Floats, Mask]:
+        """Each instance's latest known value in the window (its rows are in time order)."""
+        values, known = self.column(quantity)[0], self.known(quantity, window)
+        if known is None:
+            return values[self.last], np.ones(self.k, dtype=np.bool_)
+        index = self.reduce(np.maximum, np.where(known, np.arange(self.n), -1))
+        return values[np.maximum(index, 0)], index >= 0
+
+
+def _segments(ids: pl.Series, ts: pl.Series) -> Index | None:
+    """Where each instance's rows start when the rows are sorted by (instance_id, ts) already (a
+    frame sorted by instance): checked in one pass, never assumed."""
+    n = ids.len()
+    if n == 0 or ids.null_count() or not ids.is_sorted():
+        return None
+    change = np.concatenate(([True], (ids.slice(1) != ids.slice(0, n - 1)).to_numpy()))
+    if not np.all(change[1:] | (np.diff(ts.dt.epoch("us").to_numpy()) >= 0)):
+        return None
+    starts: Index = np.flatnonzero(change)
+    return starts
+
+
+def _period(ids: pl.Series, ts: pl.Series) -> int | None:
+    """k when the rows are in time order and are rounds of the same k distinct instances in the
+    same order (row i and row i + k are the same instance): the store's layout."""
+    n = ids.len()
+    if n == 0 or ids.null_count() or not ts.is_sorted():
+        return None
+    again = (ids == ids[0]).arg_true()
+    k = int(again[1]) if again.len() > 1 else n
+    if n % k or (k < n and not (ids.slice(k) == ids.slice(0, n - k)).all()):
+        return None
+    return k if ids.slice(0, k).n_unique() == k else None
+
+
+def _us(d: timedelta) -> int:
+    return d // timedelta(microseconds=1)
+
+
+def _aggregate(
+    compiled: CompiledRules, rows: pl.DataFrame, at: datetime, present: frozenset[str]
+) -> pl.DataFrame:
+    """One row per instance of the window: `instance_id`, `engine` if the window has the column,
+    every present term's column, and each trend's window sums (`_FIT_STATS`); in instance order."""
+    columns: dict[str, tuple[Floats, Mask | None]] = {}
+    terms = [t for t in compiled.terms if t.quantity in present]
+    if rows.height == 0:
+        names = [
+            *(t.fit + s for t in terms if t.reduce.trend for s in _FIT_STATS),
+            *(t.column for t in terms if not t.reduce.trend),
+        ]
+        schema = {
+            "instance_id": pl.String(),
+            **({"engine": pl.String()} if "engine" in rows.columns else {}),
+            **{c: pl.Float64() for c in names},
+        }
+        return pl.DataFrame(schema=schema)
+    groups = _Groups(rows, at, compiled.max_window)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for term in terms:
+            q, w = term.quantity, _us(term.window)
+            if term.reduce.trend:
+                if term.fit + "n" in columns:
+                    continue
+                known, n = groups.known(q, w), groups.count(q, w)
+                x = groups.age / -1e6
+                x = x if known is None else np.where(known, x, 0.0)  # 0 where y is not known
+                stats = (
+                    n.astype(np.float64),
+                    groups.sum(x, None),
+                    groups.sum(x * x, None),
+                    groups.reduced(q, "sum", w),
+                    groups.sum(x * groups.zeroed(q, w), None),
+                    groups.reduced(q, "min", w),
+                    groups.reduced(q, "max", w),
+                )
+                some = n > 0
+                for name, stat in zip(_FIT_STATS, stats, strict=True):
+                    columns[term.fit + name] = stat, (some if name in ("lo", "hi") else None)
+            elif term.reduce is Reduce.LAST:
+                columns[term.column] = groups.latest(q, w)
+            else:
+                n = groups.count(q, w)
+                if term.reduce is Reduce.MEAN:
+                    value = groups.reduced(q, "sum", w) / n
+                else:
+                    value = groups.reduced(q, term.reduce.value, w)
+                columns[term.column] = value, n > 0
+    data: dict[str, pl.Series] = {"instance_id": groups.pick(rows["instance_id"], groups.first)}
+    if "engine" in rows.columns:
+        data["engine"] = groups.pick(rows["engine"], groups.last)
+    for name, (values, valid) in columns.items():
+        series = pl.Series(name, values, dtype=pl.Float64)
+        if valid is not None and not valid.all():
+            series = series.scatter(np.flatnonzero(~valid), None)
+        data[name] = series
+    return pl.DataFrame(data)
 
 
 def _window(
@@ -569,26 +718,11 @@ def evaluate(
     _check_frame(names, engines)
     present = frozenset(names) & compiled.quantities
     absent = compiled.quantities - present
-    masks, aggs, fitted = _plan(compiled, present)
     columns = ["instance_id", "ts", *sorted(present)]
     if engines is None:
         columns.insert(1, "engine")
-        aggs = [pl.col("engine").min_by(_AGE), *aggs]
     rows = _window(frame, columns, at - compiled.max_window, at)
-    age = (pl.lit(at) - pl.col("ts")).alias(_AGE)
-    x = (pl.col(_AGE).dt.total_microseconds() / -1e6).alias(_X)
-    # The streaming engine (Polars 2's default) aggregates fastest; it adds floating-point sums in
-    # an order that depends on thread scheduling, so a mean or a fit may differ in its last bits
-    # from one evaluation to the next. Nothing here depends on row order.
-    per_instance = (
-        rows.lazy()
-        .with_columns(age)
-        .with_columns(*([x] if any(t.reduce.trend for t in compiled.terms) else []))
-        .with_columns(masks)
-        .group_by("instance_id")
-        .agg(aggs)
-        .collect()
-    )
+    per_instance = _aggregate(compiled, rows, at, present)
     if engines is not None:
         per_instance = per_instance.join(_engine_lookup(engines), on="instance_id", how="left")
     out = (
@@ -596,7 +730,7 @@ def evaluate(
         .with_columns(
             pl.lit(at, dtype=_TS).alias(_END),
             *(pl.lit(None, pl.Float64).alias(t.column) for t in compiled.terms if t.quantity in absent),
-            *fitted,
+            *(_fitted(t) for t in compiled.terms if t.reduce.trend and t.quantity in present),
         )
         .select("instance_id", "engine", _END, *_verdicts(compiled))
         .collect(engine="in-memory")  # one row per instance: no morsels to stream
