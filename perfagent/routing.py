@@ -107,6 +107,13 @@ async def read_body(request: web.Request, model: type[M]) -> M:
         raise _validation_error(exc, model, "body") from exc
 
 
+async def read_optional_body(request: web.Request, model: type[M]) -> M:
+    """Like `read_body`, but an empty body means every field's default (e.g. a bare POST .../approve)."""
+    if not (await request.read()).strip():
+        return model()
+    return await read_body(request, model)
+
+
 def read_query(request: web.Request, model: type[M]) -> M:
     try:
         return model.model_validate(dict(request.query))

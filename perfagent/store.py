@@ -138,6 +138,15 @@ class Store:
             if self._conn is not None:
                 self._conn.complete()
 
+    async def run(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """Run `fn` with the connection on the store's thread: how other modules' tables (the
+        workflows') share the one connection without sharing it between threads."""
+
+        def _with_connection() -> T:
+            return fn(self._db())
+
+        return await self._run(_with_connection)
+
     def _db(self) -> duckdb.DuckDBPyConnection:
         if self._conn is None:
             raise ServiceUnavailableError("database is closed", {"dependency": "database"})
@@ -298,6 +307,19 @@ class Store:
             frame = pl.from_arrow(self._db().sql(sql, params=params).to_arrow_table())
             assert isinstance(frame, pl.DataFrame)
             return frame.with_columns(pl.col("ts").dt.convert_time_zone("UTC"))
+
+        return await self._run(_query)
+
+    async def count_scrapes(self, since: datetime, until: datetime, instance_id: str | None = None) -> int:
+        """How many rows `recent_scrapes` would return: sized before they are read (backtests)."""
+
+        def _query() -> int:
+            sql = "SELECT count(*) FROM scrapes WHERE ok AND ts > ? AND ts <= ?" + (
+                " AND instance_id = ?" if instance_id else ""
+            )
+            params: list[Any] = [since, until] + ([instance_id] if instance_id else [])
+            row = self._db().execute(sql, params).fetchone()
+            return int(row[0]) if row else 0
 
         return await self._run(_query)
 

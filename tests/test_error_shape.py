@@ -27,6 +27,7 @@ def assert_envelope(body: Any, status: int, code: str) -> None:
 def _failing_request(ep: Endpoint) -> tuple[str, str, Any, int, str]:
     """A request that must fail on this endpoint, and how."""
     path = ep.full_path.replace("{instance_id}", "no-such-instance")
+    path = path.replace("{workflow_id}", "no-such-workflow")
     if ep.body is not None:
         return ep.method, path, {"unexpected": True}, 400, "VALIDATION_ERROR"
     if "{" in ep.path:
@@ -45,7 +46,7 @@ async def test_every_route_fails_with_the_envelope(agent: Client, endpoint: Endp
 
 
 async def test_unknown_route_is_not_found(agent: Client) -> None:
-    response = await agent.get("/api/v1/workflows")  # arrives with Workflows 1
+    response = await agent.get("/api/v1/no-such-route")
     assert response.status == 404
     assert_envelope(await response.json(), 404, "NOT_FOUND")
 

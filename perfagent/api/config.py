@@ -15,6 +15,7 @@ from perfagent.models import (
     QuantityInfo,
 )
 from perfagent.routing import Endpoint, json_response
+from perfagent.workflow_models import WorkflowType
 
 # Metric groups of the collect response, as the spec names them.
 SUPPORTED_METRICS = [
@@ -46,7 +47,6 @@ async def get_config(request: web.Request) -> web.Response:
 async def get_capabilities(request: web.Request) -> web.Response:
     return json_response(
         CapabilitiesResponse(
-            # Optimizers and workflows are listed once they exist; an empty list is the honest answer.
             capabilities=CapabilitySet(
                 collectors=[e.value for e in EngineName],
                 optimizers=[
@@ -58,7 +58,7 @@ async def get_capabilities(request: web.Request) -> web.Response:
                     "scheduling",
                     "scale_out",
                 ],
-                workflows=[],
+                workflows=[t.value for t in WorkflowType],
             ),
             supported_metrics=SUPPORTED_METRICS,
             quantities=[

@@ -31,6 +31,9 @@ class Action:
     instance: Instance
     settings: Mapping[str, Any]  # real engine flags with `-` → `_`, e.g. {"max_num_seqs": 128}
     previous: Mapping[str, Any] = field(default_factory=dict)  # what they replace: rollback values
+    # The container's complete command-line args before this step, when known (a workflow's
+    # `current_args`): lets dry_run write a patch of the whole list rather than of the flags alone.
+    current_args: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,3 +60,11 @@ class Executor(Protocol):
     name: ClassVar[str]
 
     async def apply(self, action: Action) -> StepRecord: ...
+
+
+def rerun_safe(executor: Executor) -> bool:
+    """Whether a step found started but never recorded as done (the agent died while it ran) may just
+    run again. An executor opts in with a class attribute `idempotent = True` when applying the same
+    `Action.key` twice is harmless by construction (dry_run only writes the change down); otherwise
+    the workflow waits for a person (`waiting_for: attention`) rather than risk a second restart."""
+    return getattr(executor, "idempotent", False) is True
