@@ -35,9 +35,14 @@ system-deps:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-# Dev mode and a 10 s poll, so the built-in simulated fleet shows history within a minute.
+# Dev mode and a 10 s poll, so the built-in simulated fleet shows history within a minute; a short
+# canary warm-up and validation delay, so a workflow on it ends in minutes (README: Your first workflow).
 run: setup
-	PERFAGENT_POLLING_INTERVAL=$${PERFAGENT_POLLING_INTERVAL:-10} $(BIN)/perfagent serve --dev
+	PERFAGENT_POLLING_INTERVAL=$${PERFAGENT_POLLING_INTERVAL:-10} \
+	PERFAGENT_CANARY_WARMUP=$${PERFAGENT_CANARY_WARMUP:-45} \
+	PERFAGENT_CANARY_WINDOW=$${PERFAGENT_CANARY_WINDOW:-120} \
+	PERFAGENT_WORKFLOW_VALIDATION_DELAY=$${PERFAGENT_WORKFLOW_VALIDATION_DELAY:-30} \
+	$(BIN)/perfagent serve --dev
 
 lint: setup
 	$(BIN)/ruff check .

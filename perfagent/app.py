@@ -15,14 +15,20 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from perfagent import __version__
 from perfagent.api import analysis, config, health, history, instances, metrics, optimization
+from perfagent.api import backtest as backtest_api
+from perfagent.api import workflows as workflows_api
+from perfagent.canary import MANUAL, STATISTICAL, CanaryJudge, ManualJudge
+from perfagent.canary_judge import StatisticalJudge
 from perfagent.clock import utc_now
 from perfagent.collect import SnapshotCache
 from perfagent.context import AGENT, Agent
 from perfagent.demo import DemoFleet, SimDemo, default_demo_dir
 from perfagent.detect import compile_rules
 from perfagent.detection import Detector
+from perfagent.discovery import Discovery
 from perfagent.docs import DOC_ROUTE_NAMES, setup_docs
 from perfagent.errors import ConfigError
+from perfagent.executors.registry import ExecutorRegistry, build_executors
 from perfagent.export import build_registry
 from perfagent.findings import FindingTracker
 from perfagent.history import HistoryWriter
@@ -32,12 +38,16 @@ from perfagent.normalize import RawSnapshot
 from perfagent.openapi import build_openapi
 from perfagent.optimization_spec import OptimizationsError, load_engine_optimizations
 from perfagent.poller import Poller
+from perfagent.promclient import PromClient
 from perfagent.routing import Endpoint, add_endpoints
 from perfagent.rules import load_rules
 from perfagent.scrape import Scraper
 from perfagent.settings import Settings
+from perfagent.slo import SLO_DIR_NAME, load_slos
+from perfagent.slo_history import SloEvaluator
 from perfagent.store import Store
 from perfagent.targets import TargetPolicy
+from perfagent.workflow_engine import WorkflowEngine
 
 log = logging.getLogger("perfagent")
 
@@ -47,8 +57,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     *metrics.ENDPOINTS,
     *history.ENDPOINTS,
     *analysis.ENDPOINTS,
+    *backtest_api.ENDPOINTS,
     *optimization.ENDPOINTS,
     *instances.ENDPOINTS,
+    *workflows_api.ENDPOINTS,
 )
 
 REGISTRY = web.AppKey("registry", CollectorRegistry)
@@ -82,8 +94,12 @@ async def _restore_snapshots(store: Store) -> SnapshotCache:
     return cache
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Build the agent's application; resources open on startup and close on cleanup."""
+def create_app(
+    settings: Settings, *, executors: ExecutorRegistry | None = None, judge: CanaryJudge | None = None
+) -> web.Application:
+    """Build the agent's application; resources open on startup and close on cleanup. `executors`
+    and `judge` replace the ones the settings choose (workflow tests bring their own)."""
+    executors = executors or build_executors(settings)
     policy = TargetPolicy.from_entries(settings.allowed_targets, allow_any=settings.dev)
     _check_targets(settings, policy)
     if settings.rules_dir is not None and not settings.rules_dir.exists():
@@ -91,15 +107,20 @@ def create_app(settings: Settings) -> web.Application:
     # A bad rule file stops start-up here, naming the file, the rule and the line.
     ruleset = load_rules([settings.rules_dir] if settings.rules_dir else [])
     compiled = compile_rules(ruleset)
+    # SLO files live in `slos/` of the rules directory; a bad one stops start-up like a bad rule file.
+    user_slos = settings.rules_dir / SLO_DIR_NAME if settings.rules_dir is not None else None
+    slos = load_slos([user_slos] if user_slos is not None and user_slos.is_dir() else [])
     for engine in EngineName:
         try:
             load_engine_optimizations(engine.value)
         except OptimizationsError as exc:
             raise ConfigError(str(exc)) from exc
     demo: DemoFleet | SimDemo | None = None
-    if not settings.instances and settings.demo_fleet == "sim":
+    # A fleet discovered from Prometheus is a configured fleet: no demo beside it.
+    no_fleet = not settings.instances and not settings.discovery
+    if no_fleet and settings.demo_fleet == "sim":
         demo = SimDemo.build(settings.demo_fleet_size, _self_url(settings))
-    elif not settings.instances and settings.demo_fleet == "captures":
+    elif no_fleet and settings.demo_fleet == "captures":
         demo_dir = settings.demo_fleet_dir or default_demo_dir()
         if not demo_dir.is_dir():
             raise ConfigError(f"demo_fleet_dir {demo_dir} is not a directory")
@@ -118,6 +139,15 @@ def create_app(settings: Settings) -> web.Application:
         )
         tasks: list[asyncio.Task[None]] = []
         history: HistoryWriter | None = None
+        prometheus = (
+            PromClient(
+                settings.prometheus_url,
+                timeout=settings.prometheus_timeout,
+                retries=settings.prometheus_retries,
+            )
+            if settings.prometheus_url
+            else None
+        )
         try:
             await store.sync_config_instances(settings.instances, utc_now())
             snapshots = await _restore_snapshots(store)
@@ -129,6 +159,27 @@ def create_app(settings: Settings) -> web.Application:
             detector = Detector(store, compiled, FindingTracker.from_rules(compiled))
             await detector.restore()
             poller = Poller(scraper, snapshots, history, settings.polling_interval)
+            statistical = StatisticalJudge(
+                store,
+                history,
+                scraper,
+                lambda instance_id: agent.instance(instance_id),
+                warmup=settings.canary_warmup,
+                window=settings.canary_window,
+                polling_interval=settings.polling_interval,
+                alpha=settings.canary_alpha,
+            )
+            workflows = WorkflowEngine(
+                store,
+                executors,
+                {MANUAL: ManualJudge(), STATISTICAL: statistical},
+                detector,
+                history,
+                lambda instance_id: agent.instance(instance_id),
+                validation_delay=settings.workflow_validation_delay,
+                judge_override=judge,
+            )
+            await workflows.setup()
             agent = Agent(
                 settings=settings,
                 store=store,
@@ -139,6 +190,12 @@ def create_app(settings: Settings) -> web.Application:
                 poller=poller,
                 detector=detector,
                 rules=ruleset,
+                slos=SloEvaluator(store, slos),
+                workflows=workflows,
+                prometheus=prometheus,
+                discovery=Discovery(prometheus, settings.discovery)
+                if prometheus is not None and settings.discovery
+                else None,
             )
             poller.on_cycle = agent.detect_cycle
             app[AGENT] = agent
@@ -157,6 +214,7 @@ def create_app(settings: Settings) -> web.Application:
                     "rule_files": [str(p) for p in ruleset.files],
                     "allowed_targets": policy.describe(),
                     "polling_interval": settings.polling_interval,
+                    "discovery": [d.selector for d in settings.discovery],
                 },
             )
             if policy.allow_any:
@@ -168,7 +226,11 @@ def create_app(settings: Settings) -> web.Application:
                     "simulated instances under /sim" if isinstance(demo, SimDemo) else "bundled captures",
                 )
             tasks.append(asyncio.create_task(history.run(), name="history-writer"))
-            tasks.append(asyncio.create_task(poller.run(agent.instances), name="poller"))
+            tasks.append(asyncio.create_task(workflows.run(), name="workflows"))
+            if agent.discovery is not None:
+                tasks.append(asyncio.create_task(agent.discovery.run(), name="discovery"))
+            # Discovered instances are read from Prometheus, never scraped.
+            tasks.append(asyncio.create_task(poller.run(agent.scraped_instances), name="poller"))
             yield
         finally:
             for task in reversed(tasks):
@@ -179,6 +241,9 @@ def create_app(settings: Settings) -> web.Application:
                 # SIGTERM and normal shutdown: what was scraped is written before the file closes.
                 await history.flush()
             await scraper.close()
+            await executors.close()  # the http and sim executors' client sessions
+            if prometheus is not None:
+                prometheus.close()
             await store.close()
 
     app.cleanup_ctx.append(resources)

@@ -1,4 +1,4 @@
-"""`perfagent` command line: `serve`, `history`, `sim`, `rules` (and `--version`)."""
+"""`perfagent` command line: `serve`, `history`, `sim`, `rules`, `backtest` (and `--version`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from perfagent import __version__, history_cli, rules_cli
+from perfagent import __version__, backtest_cli, history_cli, rules_cli
 from perfagent.errors import ConfigError
 from perfagent.sim import cli as sim_cli
 
@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     history_cli.add_parser(commands)
     sim_cli.add_parser(commands)
     rules_cli.add_parser(commands)
+    backtest_cli.add_parser(commands)
     return parser
 
 
@@ -63,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return sim_cli.run(args)
     if args.command == "rules":
         return rules_cli.run(args)
+    if args.command == "backtest":
+        return backtest_cli.run(args)
     return 2  # argparse rejects unknown commands before this
 
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
+import polars as pl
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from perfagent import __version__
+from perfagent.burnrate import window_label
 from perfagent.catalog import CATALOG
 from perfagent.context import Agent
+from perfagent.workflow_models import WorkflowStatus
 
 
 class AgentCollector(Collector):
@@ -81,7 +84,12 @@ class AgentCollector(Collector):
             "Scrapes waiting to be written to DuckDB.",
             value=agent.history.pending,
         )
+        workflows = GaugeMetricFamily("perfagent_workflows", "Workflows by status.", labels=["status"])
+        for status in WorkflowStatus:
+            workflows.add_metric([status.value], agent.workflows.store.counts.get(status.value, 0))
+        yield workflows
         yield from self._findings()
+        yield from self._slos()
 
     def _findings(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         detector = self._agent.detector
@@ -131,6 +139,42 @@ class AgentCollector(Collector):
             value=detector.evaluations,
         )
         yield GaugeMetricFamily("perfagent_rules", "Rules loaded.", value=len(detector.compiled.rules))
+
+    def _slos(self) -> Iterable[GaugeMetricFamily]:
+        evaluator = self._agent.slos
+        last = evaluator.last if evaluator is not None else None
+        budget = GaugeMetricFamily(
+            "perfagent_slo_error_budget_remaining",
+            "Share of the SLO's error budget left over its period, per instance: 1 - burn rate over the "
+            "period; negative once overspent; absent while no request finished in the period.",
+            labels=["slo", "instance"],
+        )
+        burn = GaugeMetricFamily(
+            "perfagent_slo_burn_rate",
+            "Error budget burn rate over a window (alert windows and the period): bad ratio / (1 - "
+            "objective); 1 spends the budget exactly over the period.",
+            labels=["slo", "instance", "window"],
+        )
+        objective = GaugeMetricFamily(
+            "perfagent_slo_objective", "Share of requests an SLO wants under its threshold.", labels=["slo"]
+        )
+        if last is not None:
+            budgets = last.budgets.filter(pl.col("error_budget_remaining").is_not_null())
+            for row in budgets.iter_rows(named=True):
+                budget.add_metric([row["slo"], row["instance_id"]], row["error_budget_remaining"])
+            for row in last.burn.filter(pl.col("burn_rate").is_not_null()).iter_rows(named=True):
+                window = window_label(row["window"])
+                burn.add_metric([row["slo"], row["instance_id"], window], row["burn_rate"])
+        duration = GaugeMetricFamily(
+            "perfagent_slo_evaluation_seconds",
+            "Duration of the last evaluation of every SLO over the fleet, counting new scrapes included.",
+        )
+        if evaluator is not None:
+            for slo in evaluator.slos:
+                objective.add_metric([slo.name], slo.slo.objective)
+            if evaluator.last_seconds is not None:
+                duration.add_metric([], evaluator.last_seconds)
+        yield from (budget, burn, objective, duration)
 
 
 def build_registry(agent: Agent) -> CollectorRegistry:

@@ -30,6 +30,7 @@ class InstanceSource(StrEnum):
     API = "api"  # added with POST /instances
     DEMO = "demo"  # the bundled captures, served when nothing is configured and demo_fleet is captures
     SIMULATOR = "simulator"  # the built-in simulated fleet, served when nothing is configured
+    DISCOVERED = "discovered"  # found in Prometheus by a `discovery` selector; never scraped
 
 
 class _Strict(BaseModel):
@@ -306,8 +307,11 @@ class DetectRequest(_Strict):
     )
 
 
+EvidenceSource = Literal["metrics", "history", "prometheus"]
+
+
 class Evidence(BaseModel):
-    source: Literal["metrics", "history"]
+    source: EvidenceSource
     window_start: datetime | None
     window_end: datetime
 

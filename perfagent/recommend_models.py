@@ -163,6 +163,24 @@ class Addressed(BaseModel):
     threshold_value: float | None = None
 
 
+class Observed(BaseModel):
+    """What the same optimization measurably did before: the judged batches (canaries and rollout
+    batches) of past workflows on the same engine and, when known, the same model. Filled by the agent
+    from its stored verdicts (`perfagent.priors`)."""
+
+    scope: str = Field(description='Which verdicts count: "model <label>" or "engine <name>".')
+    workflows: int = Field(description="Workflows that carried it out.")
+    canaries: int = Field(description="Their canaries that were judged.")
+    batches: int = Field(description="Judged batches in all: canaries and rollout batches.")
+    passed: int = Field(description="Batches judged not worse.")
+    failed: int = Field(description="Batches judged worse: each one rolled its workflow back.")
+    median_relative_change: dict[str, float] = Field(
+        description="Per judge metric (ttft, itl, e2e_latency, throughput, ...), the median over those "
+        "batches of (changed median - baseline median) / baseline median."
+    )
+    last_at: datetime
+
+
 class Optimization(BaseModel):
     """One proposed change of one engine's flags (or of the deployment, for SCALE_OUT)."""
 
@@ -192,6 +210,11 @@ class Optimization(BaseModel):
     )
     addresses: list[Addressed]
     notes: list[str] = Field(default_factory=list, description="Assumptions behind the values.")
+    observed: Observed | None = Field(
+        None,
+        description="Beside the `estimated_improvement` prior: what this optimization did in past "
+        "workflows on comparable instances; null until one was judged.",
+    )
 
 
 class Skipped(BaseModel):

@@ -11,7 +11,9 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from perfagent.discovery import DiscoverySpec
 from perfagent.errors import ConfigError
+from perfagent.executors.config import ExecutorsConfig
 from perfagent.models import EngineName, InstanceSpec
 
 # Hosts every deployment may scrape without configuration: the machine itself.
@@ -61,11 +63,47 @@ class Settings(BaseSettings):
         None, description="Directory of captures for the demo fleet (default: the checkout's tests/fixtures)."
     )
     prometheus_url: str | None = Field(None, description="Prometheus server to read from and health-check.")
+    prometheus_timeout: float = Field(10.0, gt=0, description="Seconds one Prometheus request may take.")
+    prometheus_retries: int = Field(
+        2, ge=0, le=10, description="Retries of a Prometheus request refused as overloaded or unreachable."
+    )
+    discovery: list[DiscoverySpec] = Field(
+        default_factory=list,
+        description="Series selectors whose targets are discovered from Prometheus and analysed by PromQL.",
+    )
     redoc_dir: Path | None = Field(
         None, description="Directory holding redoc.standalone.js (default: node_modules)."
     )
+    workflow_executor: str = Field(
+        "dry_run",
+        min_length=1,
+        description="Executor of workflows that name none (simulated instances use `sim` when available).",
+    )
+    workflow_validation_delay: float = Field(
+        120.0,
+        ge=0,
+        description="Seconds after the last change before a workflow's VALIDATION re-runs detection.",
+    )
+    canary_warmup: float = Field(
+        120.0,
+        ge=0,
+        description="Seconds after a batch's change left out of its judgement (restart, cold caches).",
+    )
+    canary_window: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds after the warm-up the statistical judge compares a batch over (at least "
+        "12 polling intervals).",
+    )
+    canary_alpha: float = Field(
+        0.05, gt=0, lt=1, description="False-alarm bound of the statistical judge over all its tests."
+    )
     instances: list[InstanceSpec] = Field(
         default_factory=list, description="Instances to watch (normally given in the config file)."
+    )
+    executors: ExecutorsConfig = Field(
+        default_factory=ExecutorsConfig,
+        description="How workflow steps change engines: `command` template, `http` control URLs, `sim`.",
     )
 
     @field_validator("allowed_targets")
@@ -87,6 +125,12 @@ class Settings(BaseSettings):
             if spec.id in seen:
                 raise ValueError(f"instance id {spec.id!r} is listed twice")
             seen.add(spec.id)
+        return self
+
+    @model_validator(mode="after")
+    def _discovery_needs_prometheus(self) -> Settings:
+        if self.discovery and not self.prometheus_url:
+            raise ValueError("discovery needs prometheus_url: instances are discovered from Prometheus")
         return self
 
     @property

@@ -13,14 +13,17 @@ from perfagent.catalog import CATALOG
 from perfagent.clock import utc_now
 from perfagent.context import AGENT
 from perfagent.detect import Evaluation, evaluate
+from perfagent.detection import with_engines
 from perfagent.errors import NotFoundError, ValidationError
 from perfagent.models import (
     Bottleneck,
     DetectRequest,
     DetectResponse,
     Evidence,
+    EvidenceSource,
     Finding,
     FindingsResponse,
+    InstanceSource,
     InsufficientData,
 )
 from perfagent.routing import Endpoint, json_response, read_body, read_query, time_param
@@ -157,7 +160,7 @@ def quantities_from_metrics(metrics: Mapping[str, Any]) -> dict[str, float | Non
     return out
 
 
-def _bottlenecks(evaluation: Evaluation, source: str) -> list[Bottleneck]:
+def _bottlenecks(evaluation: Evaluation, source: EvidenceSource) -> list[Bottleneck]:
     return [
         Bottleneck(
             type=row["type"],
@@ -172,8 +175,8 @@ def _bottlenecks(evaluation: Evaluation, source: str) -> list[Bottleneck]:
             unit=row["unit"],
             summary=row["summary"],
             evidence=Evidence(
-                source="metrics" if source == "metrics" else "history",
-                window_start=row["window_start"] if source == "history" else None,
+                source=source,
+                window_start=row["window_start"] if source != "metrics" else None,
                 window_end=row["window_end"],
             ),
         )
@@ -200,7 +203,14 @@ async def detect_bottlenecks(request: web.Request) -> web.Response:
             },
         )
         evaluation = evaluate(agent.detector.compiled, frame, now)
-        source = "metrics"
+        source: EvidenceSource = "metrics"
+    elif instance is not None and instance.source is InstanceSource.DISCOVERED:
+        # Never scraped by the agent: Prometheus computes what the rules read.
+        frame = await agent.promql_frame([instance], now)
+        evaluation = evaluate(
+            agent.detector.compiled, with_engines(frame, {instance.id: engine or instance.engine.value}), now
+        )
+        source = "prometheus"
     else:
         await agent.history.flush()
         engines = await agent.engines()
@@ -268,10 +278,12 @@ ENDPOINTS = (
         "analysis",
         body=DetectRequest,
         response=DetectResponse,
-        errors=(400, 404),
+        errors=(400, 404, 503),
         description="With `metrics`, evaluates every rule on what was sent (one point in time: `for` and look-back "
         "windows cover that point only). With only `instance_id`, evaluates the instance's stored history over "
-        "each rule's window. Rules lacking data are listed in `insufficient_data`, never as bottlenecks. "
+        "each rule's window; for an instance discovered from Prometheus, that history is computed by PromQL "
+        "(503 SERVICE_UNAVAILABLE when Prometheus cannot answer). Rules lacking data are listed in "
+        "`insufficient_data`, never as bottlenecks. "
         "`current_value` and `threshold_value` are in the catalog unit of `metric_name`.",
     ),
     Endpoint(
