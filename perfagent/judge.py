@@ -182,6 +182,10 @@ def _relative(new: float, old: float) -> float:
     return 0.0 if new == old else math.copysign(math.inf, new - old)
 
 
+_MEDIAN_FLOOR: Final = 1e-9
+"""A median below this share of the largest value counts as zero for the spread test."""
+
+
 def _dispersion(values: Array, median: float) -> float:
     return float(np.mean(np.abs(values / median - 1.0)))
 
@@ -235,7 +239,10 @@ def _measure(spec: MetricSpec, canary_values: Any, baseline_values: Any) -> _Sta
     s.p_better = float(stats.mannwhitneyu(s.canary, s.baseline, alternative=better).pvalue)
     s.delta = cliffs_delta(s.u, s.canary.size, s.baseline.size)
     s.median_c, s.median_b = float(np.median(s.canary)), float(np.median(s.baseline))
-    if spec.spread_limit is not None and s.median_c > 0 and s.median_b > 0:
+    # The spread test scales each side by its median; a median that is zero or negligible next to
+    # the data (a mostly-zero sample) has no scale to speak of, and dividing by it overflows.
+    scale = max(float(np.max(np.abs(s.canary))), float(np.max(np.abs(s.baseline))))
+    if spec.spread_limit is not None and min(s.median_c, s.median_b) > _MEDIAN_FLOOR * scale:
         disp_c, disp_b = _dispersion(s.canary, s.median_c), _dispersion(s.baseline, s.median_b)
         if disp_b > 0:
             s.spread_ratio = disp_c / disp_b

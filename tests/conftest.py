@@ -4,6 +4,7 @@ config on a real DuckDB file."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -12,11 +13,17 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import settings as hypothesis_settings
 
 from perfagent.app import create_app
 from perfagent.settings import Settings, load_settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+# CI replays the same examples on every run, so a red build always reproduces and never depends on
+# luck; local runs keep exploring new examples (and keep what they find in .hypothesis/).
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 AiohttpClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]

@@ -16,13 +16,22 @@ import pytest
 from tests.conftest import free_port
 
 
-def prometheus_binary() -> str:
-    found = shutil.which("prometheus")
+def _debian_binary(name: str) -> str:
+    """A binary of Debian's `prometheus` package: missing fails under CI and skips elsewhere."""
+    found = shutil.which(name)
     if found is None:
         if os.environ.get("CI"):
-            pytest.fail("prometheus is not installed; `make test` installs Debian's package")
-        pytest.skip("prometheus is not installed (make test installs it)")
+            pytest.fail(f"{name} is not installed; `make test` installs Debian's prometheus package")
+        pytest.skip(f"{name} is not installed (make test installs it)")
     return found
+
+
+def prometheus_binary() -> str:
+    return _debian_binary("prometheus")
+
+
+def promtool_binary() -> str:
+    return _debian_binary("promtool")
 
 
 @contextmanager
@@ -69,15 +78,6 @@ def running_prometheus(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def promtool_binary() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is not installed; `make test` installs Debian's prometheus package")
-        pytest.skip("promtool is not installed (make test installs it)")
-    return found
 
 
 def openmetrics(series: Sequence[tuple[str, str, dict[str, str], Sequence[tuple[float, float]]]]) -> str:

@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import subprocess
 from typing import Any
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from perfagent.app import create_app
 from tests.conftest import capture, free_port
-
-
-def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is not installed; `make test` installs Debian's prometheus package")
-        pytest.skip("promtool is not installed")
-    return found
+from tests.prometheus import promtool_binary
 
 
 async def test_own_metrics_report_scrape_health(
@@ -56,7 +45,7 @@ async def test_own_metrics_report_scrape_health(
     assert families["perfagent_poller_ticks"].samples[0].value >= 3
     result = await asyncio.to_thread(
         subprocess.run,
-        [promtool(), "check", "metrics"],
+        [promtool_binary(), "check", "metrics"],
         input=text,
         capture_output=True,
         text=True,
