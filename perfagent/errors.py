@@ -6,8 +6,8 @@ JSON error envelope in one place, so no handler builds an error body itself.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Generic, TypeVar
 
 from perfagent.clock import iso_z, utc_now
 
@@ -73,6 +73,18 @@ class ServiceUnavailableError(PerfAgentError):
 
 class ConfigError(Exception):
     """Start-up configuration is invalid; the message names the setting, file or line."""
+
+
+P = TypeVar("P")
+
+
+class FileProblemsError(ConfigError, Generic[P]):
+    """Data files (rules, SLOs) are invalid; `problems` lists every one found, each printing as one
+    `file:line: …` line, and the message is those lines."""
+
+    def __init__(self, problems: Sequence[P]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
 
 
 def error_body(code: str, message: str, details: Mapping[str, Any] | None = None) -> dict[str, Any]:

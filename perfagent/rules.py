@@ -35,7 +35,7 @@ from pydantic import (
 from pydantic import ValidationError as PydanticValidationError
 
 from perfagent.catalog import CATALOG, Quantity, Unit
-from perfagent.errors import ConfigError
+from perfagent.errors import FileProblemsError
 from perfagent.models import EngineName
 
 BUILTIN_RULES_DIR: Final[Path] = Path(__file__).resolve().parent.parent / "rules"
@@ -440,12 +440,8 @@ class RuleProblem:
         return f"{self.file}:{self.line}: {where}{self.message}"
 
 
-class RuleFileError(ConfigError):
+class RuleFileError(FileProblemsError[RuleProblem]):
     """One or more rule files are invalid; `problems` lists every one found."""
-
-    def __init__(self, problems: Sequence[RuleProblem]) -> None:
-        self.problems = tuple(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ from pydantic import ValidationError as PydanticValidationError
 from perfagent.buckets import bucket_data, common_edges, matching_edge, nearest
 from perfagent.catalog import CATALOG
 from perfagent.enginemap import HistogramSource, HistogramSumSource, load_engine_map
-from perfagent.errors import ConfigError
+from perfagent.errors import FileProblemsError
 from perfagent.models import EngineName
 from perfagent.rules import (
     BUILTIN_RULES_DIR,
@@ -314,12 +314,8 @@ class SloProblem:
         return f"{self.file}:{self.line}: {where}{self.message}"
 
 
-class SloFileError(ConfigError):
+class SloFileError(FileProblemsError[SloProblem]):
     """One or more SLO files are invalid; `problems` lists every one found."""
-
-    def __init__(self, problems: Sequence[SloProblem]) -> None:
-        self.problems = tuple(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from perfagent.workflow_machine import approve, begin_step, start
 from perfagent.workflow_steps import RunStep, next_action
 from perfagent.workflow_store import WorkflowStore
 from tests.conftest import free_port
+from tests.test_closed_loop import KV_RULES
 from tests.test_serve import serving
 from tests.test_workflows_api import FAST_RULES, FULL, HEALTHY, exposition
 
@@ -332,25 +333,6 @@ def sim_fleet(tmp_path: Path) -> Iterator[str]:
         process.kill()
         process.wait()
         log.close()
-
-
-KV_RULES = """
-groups:
-  - name: fast-kv
-    rules:
-      - name: FastKVPreemption
-        type: MEMORY_PRESSURE
-        engines: [vllm]
-        quantity: kv_cache_usage
-        op: ">"
-        over: 3s
-        reduce: max
-        thresholds: {HIGH: 0.9, CRITICAL: 0.95}
-        and:
-          - { quantity: preemption_rate, op: ">", value: 0 }
-        keep_firing_for: 2s
-        recommendation: Store the KV cache in fp8.
-"""
 
 
 def sim_views(base: str) -> dict[str, dict[str, Any]]:
