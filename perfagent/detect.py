@@ -11,8 +11,8 @@ false; an unknown one leaves it insufficient. Trends (`slope`, `predict`) are Pr
 least-squares line (`deriv`, `predict_linear`), from window sums.
 
 One evaluation reduces every rule's terms over each instance's rows of the window with NumPy
-(`_Groups`: no loop over instances; rows are put in (instance, ts) order explicitly, or checked to
-be), then takes the rules' verdicts over the per-instance rows in Polars and builds result rows only
+(`window_groups`: no loop over instances; rows are put in (instance, ts) order explicitly, or
+checked to be), then takes the rules' verdicts over the per-instance rows in Polars and builds result rows only
 where a rule holds.
 """
 
@@ -40,6 +40,7 @@ from perfagent.rules import (
     format_duration,
     parse_template,
 )
+from perfagent.window_groups import Floats, Index, Mask, WindowGroups
 
 DEFAULT_LOOKBACK: Final = timedelta(minutes=5)
 
@@ -74,7 +75,6 @@ INSUFFICIENT_SCHEMA: Final = pl.Schema(
     }
 )
 
-Index = np.ndarray[Any, np.dtype[np.int64]]
 
 _TS: Final = pl.Datetime("us", "UTC")
 _END: Final = "__end"  # the evaluation time of a row
@@ -108,18 +108,40 @@ class Term:
 _FIT_STATS: Final = ("n", "sx", "sxx", "sy", "sxy", "lo", "hi")
 
 
+def _line(n: Any, sx: Any, sxx: Any, sy: Any, sxy: Any) -> tuple[Any, Any]:
+    """The least-squares line's slope and its value at x = 0 from a window's sums, as Prometheus's
+    `linearRegression` computes them; plain arithmetic, so NumPy arrays and Polars expressions alike."""
+    slope = (sxy - sx * sy / n) / (sxx - sx * sx / n)
+    return slope, sy / n - slope * sx / n
+
+
 def _fitted(term: Term) -> pl.Expr:
     """A trend term from its window's sums over (x = ts - at in seconds, y), as Prometheus's
     `linearRegression` does: the least-squares slope (`deriv`), or the line's value `ahead` seconds
     after `at` (`predict_linear`); slope 0 when every y is equal; null under two samples."""
     n, sx, sxx, sy, sxy, lo, hi = (pl.col(term.fit + s) for s in _FIT_STATS)
     flat = lo == hi
-    slope = pl.when(flat).then(0.0).otherwise((sxy - sx * sy / n) / (sxx - sx * sx / n))
+    line, intercept = _line(n, sx, sxx, sy, sxy)
+    slope = pl.when(flat).then(0.0).otherwise(line)
     value = slope
     if term.reduce is Reduce.PREDICT:
         ahead = (term.ahead or timedelta(0)).total_seconds()
-        value = pl.when(flat).then(lo).otherwise(sy / n - slope * sx / n) + slope * ahead
+        value = pl.when(flat).then(lo).otherwise(intercept) + slope * ahead
     return pl.when(n >= 2).then(value).alias(term.column)
+
+
+def _fitted_arrays(term: Term, stats: Sequence[Floats]) -> tuple[Floats, Mask]:
+    """`_fitted` over NumPy arrays of the sums (`_FIT_STATS` order): the values, and where known."""
+    n, sx, sxx, sy, sxy, lo, hi = stats
+    flat = lo == hi
+    line, intercept = _line(n, sx, sxx, sy, sxy)
+    slope = np.where(flat, 0.0, line)
+    value = slope
+    if term.reduce is Reduce.PREDICT:
+        ahead = (term.ahead or timedelta(0)).total_seconds()
+        value = np.where(flat, lo, intercept) + slope * ahead
+    known: Mask = n >= 2
+    return value, known
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -153,6 +175,7 @@ class CompiledRules:
     constants: pl.DataFrame  # one row per rule: the result columns that depend on the rule alone
     rungs: pl.DataFrame  # one row per (rule, rung): severity and threshold
     first_rung: Index  # per rule, its first row in `rungs`
+    window_us: Index  # per rule, its window in microseconds
     rule_rank: Index  # per rule, its rank by name (the output order)
     pair_rank: Index  # per (rule, missing quantity), its rank likewise
 
@@ -317,13 +340,11 @@ def compile_rules(
             "op": [r.op.value for r in loaded],
             "recommendation": [r.recommendation for r in loaded],
             "labels": [json.dumps(r.labels, sort_keys=True) for r in loaded],
-            "__length": [cr.window for cr in rules],
         },
         schema={
             **{c: pl.String() for c in ("rule", "type", "quantity", "unit", "op")},
             "recommendation": pl.String(),
             "labels": pl.String(),
-            "__length": pl.Duration("us"),
         },
     )
     ladders = [r.ladder() for r in loaded]
@@ -337,8 +358,17 @@ def compile_rules(
     first_rung = np.cumsum([0, *(len(ladder) for ladder in ladders)])[:-1].astype(np.int64)
     names = [cr.name for cr in rules]
     pairs = [(cr.name, q) for cr in rules for q, _, _ in cr.missing]
+    window_us = np.array([cr.window // timedelta(microseconds=1) for cr in rules], dtype=np.int64)
     return CompiledRules(
-        rules, terms, lookback, constants, rungs, first_rung, _positions(names), _positions(pairs)
+        rules,
+        terms,
+        lookback,
+        constants,
+        rungs,
+        first_rung,
+        window_us,
+        _positions(names),
+        _positions(pairs),
     )
 
 
@@ -357,16 +387,25 @@ _MISSING: Final = "__missing|"
 
 
 def _verdicts(compiled: CompiledRules) -> list[pl.Expr]:
-    """Per row: every rule's rung (Int8, -1: does not hold), main value, and missing-data flags."""
+    """Per row: every rule's rung (Int8, -1: does not hold), main value (NaN: none), and
+    missing-data flags; none null, so NumPy reads them without a conversion."""
     exprs = [cr.rung.alias(f"{_RUNG}{i}") for i, cr in enumerate(compiled.rules)]
-    exprs += [pl.col(cr.main.column).alias(f"{_VALUE}{i}") for i, cr in enumerate(compiled.rules)]
+    exprs += [
+        pl.col(cr.main.column).fill_null(float("nan")).alias(f"{_VALUE}{i}")
+        for i, cr in enumerate(compiled.rules)
+    ]
     flags = [flag for cr in compiled.rules for _, flag, _ in cr.missing]
-    exprs += [flag.alias(f"{_MISSING}{i}") for i, flag in enumerate(flags)]
+    exprs += [flag.fill_null(False).alias(f"{_MISSING}{i}") for i, flag in enumerate(flags)]
     return exprs
 
 
-def _gather(frame: pl.DataFrame, index: Index) -> pl.DataFrame:
-    return frame.select(pl.all().gather(pl.Series(index, dtype=pl.Int64)))
+def _take(frame: pl.DataFrame, index: Index) -> pl.DataFrame:
+    """The rows at `index`: a direct gather (a `select` would plan a query for it)."""
+    return frame[pl.Series(index, dtype=pl.get_index_type())]
+
+
+def _matrix(rows: pl.DataFrame, prefix: str, count: int) -> Any:
+    return rows[[f"{prefix}{i}" for i in range(count)]].to_numpy()
 
 
 def _rank(column: pl.Series) -> Index:
@@ -380,37 +419,47 @@ def _results(compiled: CompiledRules, rows: pl.DataFrame, order: Sequence[Index]
     significant first) and then by rule name.
 
     Which rules hold where is read once for all rules, in NumPy from the rung matrix; the result
-    rows are gathered in one step and each rule renders its text on its own rows only.
+    rows are gathered directly, rule by rule, and each rule renders its text on its own rows in one
+    query for all rules; the output order is applied last.
     """
     n = len(compiled.rules)
     if n == 0 or rows.height == 0:
         return pl.DataFrame(schema=RESULT_SCHEMA)
-    rungs = rows.select(pl.col(f"{_RUNG}{i}") for i in range(n)).to_numpy()
+    rungs = _matrix(rows, _RUNG, n)
     rule, row = np.nonzero(rungs.T >= 0)  # rule-major: each rule's rows are contiguous
     if row.size == 0:
         return pl.DataFrame(schema=RESULT_SCHEMA)
-    values = rows.select(pl.col(f"{_VALUE}{i}") for i in range(n)).to_numpy()
+    values = _matrix(rows, _VALUE, n)[row, rule]
+    ends = rows[_END].dt.epoch("us").to_numpy()[row]
+    windows = pl.DataFrame(
+        {
+            "value": values,
+            "window_start": pl.Series(ends - compiled.window_us[rule]).cast(_TS),
+            "window_end": pl.Series(ends).cast(_TS),
+        }
+    )
     found = pl.concat(
         [
-            _gather(rows.select("instance_id", "engine", pl.col(_END).alias("window_end")), row),
-            _gather(compiled.constants, rule),
-            _gather(compiled.rungs, compiled.first_rung[rule] + rungs[row, rule]),
-            pl.DataFrame({"value": values[row, rule]}, schema={"value": pl.Float64()}),
+            _take(rows[["instance_id", "engine"]], row),
+            _take(compiled.constants, rule),
+            _take(compiled.rungs, compiled.first_rung[rule] + rungs[row, rule]),
+            windows,
         ],
         how="horizontal",
-    ).with_columns(window_start=pl.col("window_end") - pl.col("__length"))
+    )
     bounds = np.cumsum([0, *np.bincount(rule, minlength=n)])
     # One query for every rule's text, so Polars plans and runs the small pieces together.
     texts = pl.concat(
         [
+            # with_columns, not select: a text without fields is a literal, broadcast to the rows.
             found.lazy().slice(int(lo), int(hi - lo)).with_columns(cr.texts).select("summary", "description")
             for cr, lo, hi in zip(compiled.rules, bounds[:-1], bounds[1:], strict=True)
             if hi > lo
         ]
     ).collect(engine="in-memory")
+    out = pl.concat([found, texts], how="horizontal")[list(RESULT_SCHEMA)]
     keys = [compiled.rule_rank[rule], *(rank[row] for rank in reversed(order))]
-    out = pl.concat([found, texts], how="horizontal").select(list(RESULT_SCHEMA))
-    return _gather(out, np.lexsort(keys))
+    return _take(out, np.lexsort(keys))
 
 
 def _insufficient(
@@ -421,8 +470,7 @@ def _insufficient(
     pairs = [(cr, q, reason) for cr in compiled.rules for q, _, reason in cr.missing]
     if not pairs or rows.height == 0:
         return pl.DataFrame(schema=INSUFFICIENT_SCHEMA)
-    flags = rows.select(pl.col(f"{_MISSING}{i}") for i in range(len(pairs))).to_numpy()
-    row, pair = np.nonzero(flags)
+    row, pair = np.nonzero(_matrix(rows, _MISSING, len(pairs)))
     reasons = pl.DataFrame(
         {
             "rule": [cr.name for cr, _, _ in pairs],
@@ -431,10 +479,9 @@ def _insufficient(
         },
         schema={"rule": pl.String(), "quantity": pl.String(), "reason": pl.String()},
     )
-    out = pl.concat(
-        [_gather(rows.select("instance_id", "engine"), row), _gather(reasons, pair)], how="horizontal"
-    )
-    return _gather(out, np.lexsort([compiled.pair_rank[pair], instance[row]]))
+    order = np.lexsort([compiled.pair_rank[pair], instance[row]])
+    row, pair = row[order], pair[order]
+    return pl.concat([_take(rows[["instance_id", "engine"]], row), _take(reasons, pair)], how="horizontal")
 
 
 # --- evaluation at one time ------------------------------------------------------------------------
@@ -460,213 +507,39 @@ def _engine_lookup(engines: Mapping[str, str]) -> pl.DataFrame:
 
 # --- the window's aggregation ----------------------------------------------------------------------
 
-Floats = np.ndarray[Any, np.dtype[np.float64]]
-Mask = np.ndarray[Any, np.dtype[np.bool_]]
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-class _Groups:
-    """The window's rows grouped by instance, each instance's rows in time order, and the vectorized
-    reductions per instance every term is computed from.
-
-    Two layouts, both without a loop over instances. The store appends one row per instance per
-    scrape round, so its window is usually whole rounds of the same instances in the same order
-    (checked, never assumed): then a column reshaped to (rounds, instances) has each instance's
-    samples in a column, in time order, and reductions run along axis 0. Otherwise one explicit
-    stable sort by (instance, ts) makes each instance's rows a contiguous segment, reduced with
-    `ufunc.reduceat`. Arrays here are in that order; a mask left `None` selects every row.
-    Reductions are memoized per (quantity, window), so terms sharing a window's sums compute them
-    once.
-    """
-
-    def __init__(self, rows: pl.DataFrame, at: datetime, widest: timedelta) -> None:
-        ids, ts = rows["instance_id"], rows["ts"]
-        self.rows, self.n, self.widest = rows, rows.height, _us(widest)
-        self.order: Index | None = None
-        period = _period(ids, ts)
-        self.rounds = period is not None
-        if period is not None:
-            self.k, self.starts = period, np.empty(0, dtype=np.int64)
-            self.first: Index = np.arange(period)
-            self.last: Index = np.arange(self.n - period, self.n)
-            self.lengths: Index = np.full(period, self.n // period)
-        else:
-            starts = _segments(ids, ts)
-            if starts is None:  # one explicit stable sort: by time, then by instance
-                codes = ids.rank("dense").fill_null(0).to_numpy()
-                order = np.argsort(codes, kind="stable")
-                if not ts.is_sorted():
-                    by_time = np.argsort(ts.dt.epoch("us").to_numpy(), kind="stable")
-                    order = by_time[np.argsort(codes[by_time], kind="stable")]
-                grouped = codes[order]
-                self.order = order.astype(np.int64)
-                starts = np.flatnonzero(np.concatenate(([True], grouped[1:] != grouped[:-1])))
-            self.k, self.starts = starts.size, starts
-            self.first, self.last = starts, np.append(starts[1:], self.n) - 1
-            self.lengths = self.last + 1 - self.first
-        # Nulls as NaN (one query for every column): NumPy reads the buffers without a copy.
-        self.filled = rows.select(
-            pl.col(c).cast(pl.Float64).fill_null(float("nan"))
-            for c in rows.columns
-            if c not in ("instance_id", "engine", "ts")
-        )
-        self.age = (at - _EPOCH) // timedelta(microseconds=1) - self._ordered(ts.dt.epoch("us"))  # µs
-        self._columns: dict[str, tuple[Floats, Mask | None]] = {}
-        self._masks: dict[tuple[str, int], Mask | None] = {}
-        self._counts: dict[tuple[str, int], Index] = {}
-        self._reduced: dict[tuple[str, str, int], Floats] = {}
-
-    def _ordered(self, series: pl.Series) -> Any:
-        values = series.to_numpy()
-        return values if self.order is None else values[self.order]
-
-    def pick(self, series: pl.Series, rows: Index) -> pl.Series:
-        """`series` at the given rows (of this order)."""
-        return series.gather(rows if self.order is None else self.order[rows])
-
-    def reduce(self, ufunc: np.ufunc, values: Any, dtype: Any = None) -> Any:
-        """`ufunc` over each instance's rows."""
-        if self.rounds:
-            return ufunc.reduce(values.reshape(-1, self.k), axis=0, dtype=dtype)
-        return ufunc.reduceat(values, self.starts, dtype=dtype)
-
-    def column(self, quantity: str) -> tuple[Floats, Mask | None]:
-        """A quantity's values (null as NaN) and where they are known."""
-        if quantity not in self._columns:
-            series = self.rows[quantity]
-            values: Floats = self._ordered(self.filled[quantity])
-            known: Mask | None = None
-            if series.null_count():
-                known = ~np.isnan(values)
-                if np.count_nonzero(~known) != series.null_count():  # NaN samples too: known
-                    known = self._ordered(series.is_not_null())
-            self._columns[quantity] = values, known
-        return self._columns[quantity]
-
-    def known(self, quantity: str, window: int) -> Mask | None:
-        """Where a quantity is known inside the window `(at - window, at]` (every row is inside the
-        widest)."""
-        key = (quantity, window)
-        if key not in self._masks:
-            known = self.column(quantity)[1]
-            if window < self.widest:
-                inside = self.age < window
-                known = inside if known is None else inside & known
-            self._masks[key] = known
-        return self._masks[key]
-
-    def count(self, quantity: str, window: int) -> Index:
-        key = (quantity, window)
-        if key not in self._counts:
-            known = self.known(quantity, window)
-            self._counts[key] = self.lengths if known is None else self.reduce(np.add, known, dtype=np.int64)
-        return self._counts[key]
-
-    def sum(self, values: Floats, known: Mask | None) -> Floats:
-        out: Floats = self.reduce(np.add, values if known is None else np.where(known, values, 0.0))
-        return out
-
-    def zeroed(self, quantity: str, window: int) -> Floats:
-        """A quantity's values in the window, 0 where not known."""
-        key = (quantity, "zeroed", window)
-        if key not in self._reduced:
-            values, known = self.column(quantity)[0], self.known(quantity, window)
-            self._reduced[key] = values if known is None else np.where(known, values, 0.0)
-        return self._reduced[key]
-
-    def reduced(self, quantity: str, how: str, window: int) -> Floats:
-        """`sum`, `min` or `max` (NaN-skipping, as Polars' min and max) of a quantity's known values
-        in the window; 0 or NaN where there are none."""
-        key = (quantity, how, window)
-        if key not in self._reduced:
-            values, known = self.column(quantity)[0], self.known(quantity, window)
-            if how == "sum":
-                out = self.sum(self.zeroed(quantity, window), None)
-            else:
-                masked = values if known is None else np.where(known, values, np.nan)
-                out = self.reduce(np.fmin if how == "min" else np.fmax, masked)
-            self._reduced[key] = out
-        return self._reduced[key]
-
-    def latest(self, quantity: str, window: int) -> tuple[Floats, Mask]:
-        """Each instance's latest known value in the window (its rows are in time order)."""
-        values, known = self.column(quantity)[0], self.known(quantity, window)
-        if known is None:
-            return values[self.last], np.ones(self.k, dtype=np.bool_)
-        index = self.reduce(np.maximum, np.where(known, np.arange(self.n), -1))
-        return values[np.maximum(index, 0)], index >= 0
-
-
-def _segments(ids: pl.Series, ts: pl.Series) -> Index | None:
-    """Where each instance's rows start when the rows are sorted by (instance_id, ts) already (a
-    frame sorted by instance): checked in one pass, never assumed."""
-    n = ids.len()
-    if n == 0 or ids.null_count() or not ids.is_sorted():
-        return None
-    change = np.concatenate(([True], (ids.slice(1) != ids.slice(0, n - 1)).to_numpy()))
-    if not np.all(change[1:] | (np.diff(ts.dt.epoch("us").to_numpy()) >= 0)):
-        return None
-    starts: Index = np.flatnonzero(change)
-    return starts
-
-
-def _period(ids: pl.Series, ts: pl.Series) -> int | None:
-    """k when the rows are in time order and are rounds of the same k distinct instances in the
-    same order (row i and row i + k are the same instance): the store's layout."""
-    n = ids.len()
-    if n == 0 or ids.null_count() or not ts.is_sorted():
-        return None
-    again = (ids == ids[0]).arg_true()
-    k = int(again[1]) if again.len() > 1 else n
-    if n % k or (k < n and not (ids.slice(k) == ids.slice(0, n - k)).all()):
-        return None
-    return k if ids.slice(0, k).n_unique() == k else None
-
-
-def _us(d: timedelta) -> int:
-    return d // timedelta(microseconds=1)
-
 
 def _aggregate(
     compiled: CompiledRules, rows: pl.DataFrame, at: datetime, present: frozenset[str]
 ) -> pl.DataFrame:
     """One row per instance of the window: `instance_id`, `engine` if the window has the column,
-    every present term's column, and each trend's window sums (`_FIT_STATS`); in instance order."""
+    and every present term's column."""
     columns: dict[str, tuple[Floats, Mask | None]] = {}
     terms = [t for t in compiled.terms if t.quantity in present]
     if rows.height == 0:
-        names = [
-            *(t.fit + s for t in terms if t.reduce.trend for s in _FIT_STATS),
-            *(t.column for t in terms if not t.reduce.trend),
-        ]
         schema = {
             "instance_id": pl.String(),
             **({"engine": pl.String()} if "engine" in rows.columns else {}),
-            **{c: pl.Float64() for c in names},
+            **{t.column: pl.Float64() for t in terms},
         }
         return pl.DataFrame(schema=schema)
-    groups = _Groups(rows, at, compiled.max_window)
+    groups = WindowGroups(rows, at, compiled.max_window)
+    fits: dict[str, tuple[Floats, ...]] = {}  # a window's sums, shared by its quantity's trends
     with np.errstate(invalid="ignore", divide="ignore"):
         for term in terms:
-            q, w = term.quantity, _us(term.window)
+            q, w = term.quantity, term.window // timedelta(microseconds=1)
             if term.reduce.trend:
-                if term.fit + "n" in columns:
-                    continue
-                known, n = groups.known(q, w), groups.count(q, w)
-                x = groups.age / -1e6
-                x = x if known is None else np.where(known, x, 0.0)  # 0 where y is not known
-                stats = (
-                    n.astype(np.float64),
-                    groups.sum(x, None),
-                    groups.sum(x * x, None),
-                    groups.reduced(q, "sum", w),
-                    groups.sum(x * groups.zeroed(q, w), None),
-                    groups.reduced(q, "min", w),
-                    groups.reduced(q, "max", w),
-                )
-                some = n > 0
-                for name, stat in zip(_FIT_STATS, stats, strict=True):
-                    columns[term.fit + name] = stat, (some if name in ("lo", "hi") else None)
+                if term.fit not in fits:
+                    n, x = groups.count(q, w), groups.seconds(q)
+                    fits[term.fit] = (
+                        n.astype(np.float64),
+                        groups.sum(x, w),
+                        groups.sum(x * x, w),
+                        groups.reduced(q, "sum", w),
+                        groups.sum(x * groups.zeroed(q), w),
+                        groups.reduced(q, "min", w),
+                        groups.reduced(q, "max", w),
+                    )
+                columns[term.column] = _fitted_arrays(term, fits[term.fit])
             elif term.reduce is Reduce.LAST:
                 columns[term.column] = groups.latest(q, w)
             else:
@@ -690,13 +563,21 @@ def _aggregate(
 def _window(
     frame: pl.DataFrame | pl.LazyFrame, columns: list[str], start: datetime, end: datetime
 ) -> pl.DataFrame:
-    """The rows with start < ts <= end: a binary search when the frame is in time order (as scrapes
-    are appended), a filter otherwise."""
-    if isinstance(frame, pl.DataFrame) and frame.height and frame["ts"].is_sorted():
-        lo, hi = (int(i) for i in frame["ts"].search_sorted(pl.Series([start, end]), side="right"))
-        return frame.select(columns).slice(lo, hi - lo)
+    """The rows with start < ts <= end, in the frame's order: a binary search when the frame is in
+    time order (as a fleet's rounds are), none when every row is inside already (the store's window
+    by instance), a filter otherwise."""
+    if isinstance(frame, pl.DataFrame) and frame.height:
+        ts = frame["ts"]
+        if ts.is_sorted():
+            lo, hi = (int(i) for i in ts.search_sorted(pl.Series([start, end]), side="right"))
+            return frame.slice(lo, hi - lo)[columns]  # direct: no query planned
+        first, last = ts.min(), ts.max()
+        assert isinstance(first, datetime) and isinstance(last, datetime)
+        if first > start and last <= end:
+            return frame[columns]
     window = frame.lazy().select(columns).filter((pl.col("ts") > start) & (pl.col("ts") <= end))
-    out: pl.DataFrame = window.collect()
+    # In-memory: its filter keeps the rows' order, which the layouts in window_groups read.
+    out: pl.DataFrame = window.collect(engine="in-memory")
     return out
 
 
@@ -722,15 +603,13 @@ def evaluate(
     if engines is None:
         columns.insert(1, "engine")
     rows = _window(frame, columns, at - compiled.max_window, at)
-    per_instance = _aggregate(compiled, rows, at, present)
+    per_instance = _aggregate(compiled, rows, at, present).lazy()
     if engines is not None:
-        per_instance = per_instance.join(_engine_lookup(engines), on="instance_id", how="left")
+        per_instance = per_instance.join(_engine_lookup(engines).lazy(), on="instance_id", how="left")
     out = (
-        per_instance.lazy()
-        .with_columns(
+        per_instance.with_columns(
             pl.lit(at, dtype=_TS).alias(_END),
             *(pl.lit(None, pl.Float64).alias(t.column) for t in compiled.terms if t.quantity in absent),
-            *(_fitted(t) for t in compiled.terms if t.reduce.trend and t.quantity in present),
         )
         .select("instance_id", "engine", _END, *_verdicts(compiled))
         .collect(engine="in-memory")  # one row per instance: no morsels to stream

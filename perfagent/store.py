@@ -293,7 +293,9 @@ class Store:
     async def recent_scrapes(
         self, since: datetime, until: datetime, quantities: Iterable[str], instance_id: str | None = None
     ) -> pl.DataFrame:
-        """Successful scrapes in (since, until], in time order, with the given quantity columns."""
+        """Successful scrapes in (since, until] with the given quantity columns, ordered by instance
+        and then time: each instance's rows together and in time order, the layout detection
+        reduces per instance without sorting them again."""
         columns = ", ".join(f'"{q}"' for q in sorted(quantities) if q in QUANTITY_COLUMNS)
 
         def _query() -> pl.DataFrame:
@@ -301,7 +303,7 @@ class Store:
                 f"SELECT instance_id, ts{', ' + columns if columns else ''} FROM scrapes "
                 "WHERE ok AND ts > ? AND ts <= ?"
                 + (" AND instance_id = ?" if instance_id else "")
-                + " ORDER BY ts"
+                + " ORDER BY instance_id, ts"
             )
             params: list[Any] = [since, until] + ([instance_id] if instance_id else [])
             frame = pl.from_arrow(self._db().sql(sql, params=params).to_arrow_table())

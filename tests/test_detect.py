@@ -248,15 +248,19 @@ def test_trends_equal_the_reference_and_the_series(
 
 @st.composite
 def rounds(draw: st.DrawFn) -> pl.DataFrame:
-    """The store's layout: every scrape round one row per instance, the same instances in the same
-    order (not by name), scraped a second apart within a round; some samples null."""
+    """Rounds: every scrape round one row per instance, the same instances in the same order (not
+    by name), scraped a second apart within a round; some samples null. Sometimes ragged: some
+    scrapes failed, and the store has no row for them."""
     present = draw(st.lists(st.sampled_from(sorted(QUANTITIES)), unique=True, min_size=1, max_size=4))
     names = draw(st.permutations([f"i{n}" for n in range(draw(st.integers(1, 4)))]))
     engines = {name: draw(st.sampled_from(ENGINES)) for name in names}
     first, count = draw(st.integers(0, 8)), draw(st.integers(1, 15))
+    ragged = draw(st.booleans())
     data: dict[str, list[Any]] = {"instance_id": [], "engine": [], "ts": [], **{q: [] for q in present}}
     for t in range(first, first + count):
         for position, name in enumerate(names):
+            if ragged and draw(st.integers(0, 4)) == 0:
+                continue
             data["instance_id"].append(name)
             data["engine"].append(engines[name])
             data["ts"].append(T0 + t * STEP + timedelta(seconds=position))
@@ -276,15 +280,20 @@ def rounds(draw: st.DrawFn) -> pl.DataFrame:
 def test_every_row_layout_equals_the_reference(
     specs: list[dict[str, Any]], df: pl.DataFrame, at_step: int, offset: int
 ) -> None:
-    """The store's rounds, the same rows sorted by instance, and shuffled take different paths to
-    the per-instance groups; each equals the reference."""
+    """Rounds in time order, the same rows by instance and time (as the store returns them), each
+    instance's rows together but instances not in name order, and shuffled take different paths
+    to the per-instance groups; each equals the reference."""
     ruleset = loaded(*specs)
     compiled = compile_rules(ruleset)
     at = T0 + at_step * STEP + timedelta(seconds=offset)
     expected, missing = evaluate_reference(ruleset, as_python(df), at)
     want = {(f.instance_id, f.rule, f.severity.value, f.value, f.threshold) for f in expected}
     engines = dict(df.select("instance_id", "engine").unique().iter_rows())
-    for layout in (df, df.sort("instance_id", "ts"), df.sample(fraction=1.0, shuffle=True, seed=1)):
+    # Each instance's rows together, instances in order of first appearance (not by name).
+    first_row = pl.col("__row").min().over("instance_id")
+    grouped = df.with_row_index("__row").sort(first_row, "__row").drop("__row")
+    shuffled = df.sample(fraction=1.0, shuffle=True, seed=1)
+    for layout in (df.sort("ts"), df.sort("instance_id", "ts"), grouped, shuffled):
         for result in (
             evaluate(compiled, layout, at),
             evaluate(compiled, layout.drop("engine"), at, engines=engines),

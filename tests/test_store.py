@@ -47,3 +47,33 @@ async def test_retention_deletes_only_what_is_older(tmp_path: Path) -> None:
         assert await writer.enforce_retention() == (0, 0)  # checked at most every few minutes
     finally:
         await store.close()
+
+
+async def test_recent_scrapes_are_by_instance_then_time(tmp_path: Path) -> None:
+    """Detection reads each instance's rows together and in time order without sorting them: the
+    store returns them so, however the scrapes of a round interleave, and leaves failed ones out."""
+    from perfagent.history import HistoryWriter, ScrapeRecord
+
+    store = await Store.open(tmp_path / "o.duckdb")
+    try:
+        writer = HistoryWriter(store, flush_interval=60, retention=timedelta(days=7))
+        now = datetime.now(UTC).replace(microsecond=0)
+        # Rounds 15 s apart; within a round, b is scraped before a in odd rounds, after in even.
+        for r in range(4):
+            base = now - timedelta(seconds=60 - 15 * r)
+            order = ("b", "a") if r % 2 else ("a", "b")
+            for i, name in enumerate(order):
+                ok = not (name == "a" and r == 2)
+                writer.add(
+                    ScrapeRecord(
+                        name, base + timedelta(seconds=i), "u", ok, 0.1, values={"requests_running": r}
+                    )
+                )
+        assert await writer.flush() == 8
+        frame = await store.recent_scrapes(now - timedelta(minutes=5), now, ["requests_running"])
+        assert frame["instance_id"].to_list() == ["a"] * 3 + ["b"] * 4
+        assert frame.filter(frame["instance_id"] == "a")["requests_running"].to_list() == [0.0, 1.0, 3.0]
+        for name in ("a", "b"):
+            assert frame.filter(frame["instance_id"] == name)["ts"].is_sorted()
+    finally:
+        await store.close()
