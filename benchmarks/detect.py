@@ -8,10 +8,10 @@ run: `evaluate_reference()` (the rules' meaning, one instance at a time) plus tu
 into the same rows `evaluate()` returns (rule constants, rendered summary and description, reasons
 for missing data), over every instance.
 
-The vectorized side gets the frame as the agent's store returns it (time order, no engine column)
-and the engines per instance, as `Detector` calls it; the loop gets each instance's samples of the
-rules' widest window as Python tuples, as a per-instance agent would keep them (building those is
-timed separately, not counted).
+The vectorized side gets what `Detector` passes it: the rows `Store.recent_scrapes` returns for the
+rules' widest window (its own query, run by DuckDB over the hour: by instance, then time; no engine
+column) and the engines per instance; the loop gets the same rows as each instance's Python tuples,
+as a per-instance agent would keep them (building those is timed separately, not counted).
 
     .venv/bin/python benchmarks/detect.py [--instances N] [--runs N] [--no-trends]
 """
@@ -52,6 +52,7 @@ from perfagent.rules import (
     load_rules,
     parse_template,
 )
+from perfagent.store import read_recent_scrapes
 
 POINTS = 240
 STEP = timedelta(seconds=15)
@@ -130,15 +131,15 @@ def _fleet(n: int, seed: int) -> pl.DataFrame:
 
 
 def _store_window(hour: pl.DataFrame, since: datetime, until: datetime) -> pl.DataFrame:
-    """The rows `Store.recent_scrapes(since, until)` returns: its query, run by DuckDB over the hour's
-    rows, and converted to Polars the same way (Arrow, no sortedness flags)."""
-    columns = ", ".join(f'"{c}"' for c in hour.columns if c not in ("instance_id", "ts"))
-    sql = f"SELECT instance_id, ts, {columns} FROM hour WHERE ts > ? AND ts <= ? ORDER BY instance_id, ts"
+    """The rows `Store.recent_scrapes(since, until)` returns: its very query (`read_recent_scrapes`),
+    run by DuckDB over the hour's rows as the `scrapes` table (every row a successful scrape)."""
     with duckdb.connect() as db:
-        db.register("hour", hour)
-        frame = pl.from_arrow(db.sql(sql, params=[since, until]).to_arrow_table())
-    assert isinstance(frame, pl.DataFrame)
-    return frame.with_columns(pl.col("ts").dt.convert_time_zone("UTC"))
+        db.register("scrapes", hour.with_columns(ok=pl.lit(True)))
+        quantities = [c for c in hour.columns if c not in ("instance_id", "ts")]
+        frame = read_recent_scrapes(db, since, until, quantities)
+    missing = set(quantities) - set(frame.columns)
+    assert not missing, f"not store columns: {missing}"
+    return frame
 
 
 def _as_python(frame: pl.DataFrame) -> dict[str, tuple[str, list[Sample]]]:
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     # The loop holds what a per-instance agent would keep: each instance's samples of the rules'
     # widest window, as Python tuples (building them is not counted).
     t = time.perf_counter()
-    python_data = _as_python(stored.join(fleet.select("instance_id", "engine").unique(), on="instance_id"))
+    python_data = _as_python(with_engine)
     convert_s = time.perf_counter() - t
     prepared = {lr.name: _LoopRule(lr) for lr in ruleset}
     rows, missing = _loop(ruleset, prepared, python_data, at)

@@ -11,16 +11,16 @@ false; an unknown one leaves it insufficient. Trends (`slope`, `predict`) are Pr
 least-squares line (`deriv`, `predict_linear`), from window sums.
 
 One evaluation reduces every rule's terms over each instance's rows of the window with NumPy
-(`window_groups`: no loop over instances; rows are put in (instance, ts) order explicitly, or
-checked to be), then takes the rules' verdicts over the per-instance rows in Polars and builds result rows only
-where a rule holds.
+(`window_groups`: no loop over instances; the rows' layout is checked, never assumed), then takes
+the rules' verdicts over the per-instance rows in Polars and builds result rows only where a rule
+holds.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -108,40 +108,34 @@ class Term:
 _FIT_STATS: Final = ("n", "sx", "sxx", "sy", "sxy", "lo", "hi")
 
 
-def _line(n: Any, sx: Any, sxx: Any, sy: Any, sxy: Any) -> tuple[Any, Any]:
-    """The least-squares line's slope and its value at x = 0 from a window's sums, as Prometheus's
-    `linearRegression` computes them; plain arithmetic, so NumPy arrays and Polars expressions alike."""
-    slope = (sxy - sx * sy / n) / (sxx - sx * sx / n)
-    return slope, sy / n - slope * sx / n
+def _trend(term: Term, sums: Sequence[Any], where: Callable[[Any, Any, Any], Any]) -> Any:
+    """A trend term from its window's sums over (x = ts - at in seconds, y) in `_FIT_STATS` order,
+    as Prometheus's `linearRegression` does: the least-squares slope (`deriv`), or the line's value
+    `ahead` seconds after `at` (`predict_linear`); slope 0 when every y is equal. Plain arithmetic
+    and `where(condition, then, otherwise)`, so Polars expressions and NumPy arrays alike."""
+    n, sx, sxx, sy, sxy, lo, hi = sums
+    flat = lo == hi
+    slope = where(flat, 0.0, (sxy - sx * sy / n) / (sxx - sx * sx / n))
+    if term.reduce is not Reduce.PREDICT:
+        return slope
+    ahead = (term.ahead or timedelta(0)).total_seconds()
+    return where(flat, lo, sy / n - slope * sx / n) + slope * ahead
+
+
+def _when(condition: pl.Expr, then: Any, otherwise: Any) -> pl.Expr:
+    return pl.when(condition).then(then).otherwise(otherwise)
 
 
 def _fitted(term: Term) -> pl.Expr:
-    """A trend term from its window's sums over (x = ts - at in seconds, y), as Prometheus's
-    `linearRegression` does: the least-squares slope (`deriv`), or the line's value `ahead` seconds
-    after `at` (`predict_linear`); slope 0 when every y is equal; null under two samples."""
-    n, sx, sxx, sy, sxy, lo, hi = (pl.col(term.fit + s) for s in _FIT_STATS)
-    flat = lo == hi
-    line, intercept = _line(n, sx, sxx, sy, sxy)
-    slope = pl.when(flat).then(0.0).otherwise(line)
-    value = slope
-    if term.reduce is Reduce.PREDICT:
-        ahead = (term.ahead or timedelta(0)).total_seconds()
-        value = pl.when(flat).then(lo).otherwise(intercept) + slope * ahead
-    return pl.when(n >= 2).then(value).alias(term.column)
+    """`_trend` as a Polars expression over the sums' columns; null under two samples."""
+    sums = [pl.col(term.fit + s) for s in _FIT_STATS]
+    return pl.when(sums[0] >= 2).then(_trend(term, sums, _when)).alias(term.column)
 
 
-def _fitted_arrays(term: Term, stats: Sequence[Floats]) -> tuple[Floats, Mask]:
-    """`_fitted` over NumPy arrays of the sums (`_FIT_STATS` order): the values, and where known."""
-    n, sx, sxx, sy, sxy, lo, hi = stats
-    flat = lo == hi
-    line, intercept = _line(n, sx, sxx, sy, sxy)
-    slope = np.where(flat, 0.0, line)
-    value = slope
-    if term.reduce is Reduce.PREDICT:
-        ahead = (term.ahead or timedelta(0)).total_seconds()
-        value = np.where(flat, lo, intercept) + slope * ahead
-    known: Mask = n >= 2
-    return value, known
+def _fitted_arrays(term: Term, sums: Sequence[Floats]) -> tuple[Floats, Mask]:
+    """`_trend` over NumPy arrays of the sums: the values, and where known (two samples or more)."""
+    known: Mask = sums[0] >= 2
+    return _trend(term, sums, np.where), known
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -549,9 +543,9 @@ def _aggregate(
                 else:
                     value = groups.reduced(q, term.reduce.value, w)
                 columns[term.column] = value, n > 0
-    data: dict[str, pl.Series] = {"instance_id": groups.pick(rows["instance_id"], groups.first)}
+    data: dict[str, pl.Series] = {"instance_id": rows["instance_id"].gather(groups.first)}
     if "engine" in rows.columns:
-        data["engine"] = groups.pick(rows["engine"], groups.last)
+        data["engine"] = rows["engine"].gather(groups.last)
     for name, (values, valid) in columns.items():
         series = pl.Series(name, values, dtype=pl.Float64)
         if valid is not None and not valid.all():

@@ -293,24 +293,8 @@ class Store:
     async def recent_scrapes(
         self, since: datetime, until: datetime, quantities: Iterable[str], instance_id: str | None = None
     ) -> pl.DataFrame:
-        """Successful scrapes in (since, until] with the given quantity columns, ordered by instance
-        and then time: each instance's rows together and in time order, the layout detection
-        reduces per instance without sorting them again."""
-        columns = ", ".join(f'"{q}"' for q in sorted(quantities) if q in QUANTITY_COLUMNS)
-
-        def _query() -> pl.DataFrame:
-            sql = (
-                f"SELECT instance_id, ts{', ' + columns if columns else ''} FROM scrapes "
-                "WHERE ok AND ts > ? AND ts <= ?"
-                + (" AND instance_id = ?" if instance_id else "")
-                + " ORDER BY instance_id, ts"
-            )
-            params: list[Any] = [since, until] + ([instance_id] if instance_id else [])
-            frame = pl.from_arrow(self._db().sql(sql, params=params).to_arrow_table())
-            assert isinstance(frame, pl.DataFrame)
-            return frame.with_columns(pl.col("ts").dt.convert_time_zone("UTC"))
-
-        return await self._run(_query)
+        """`read_recent_scrapes` on the store's connection."""
+        return await self._run(lambda: read_recent_scrapes(self._db(), since, until, quantities, instance_id))
 
     async def count_scrapes(self, since: datetime, until: datetime, instance_id: str | None = None) -> int:
         """How many rows `recent_scrapes` would return: sized before they are read (backtests)."""
@@ -419,3 +403,27 @@ def _instance(row: tuple[Any, ...]) -> Instance:
         source=InstanceSource(source),
         created_at=created_at,
     )
+
+
+def read_recent_scrapes(
+    db: duckdb.DuckDBPyConnection,
+    since: datetime,
+    until: datetime,
+    quantities: Iterable[str],
+    instance_id: str | None = None,
+) -> pl.DataFrame:
+    """Successful scrapes in (since, until] from `db`'s `scrapes` with the given quantity columns,
+    ordered by instance and then time: each instance's rows together and in time order, the layout
+    detection reduces per instance without sorting them again. A function of the connection, so
+    the detection benchmark reads its data with this very query."""
+    columns = ", ".join(f'"{q}"' for q in sorted(quantities) if q in QUANTITY_COLUMNS)
+    sql = (
+        f"SELECT instance_id, ts{', ' + columns if columns else ''} FROM scrapes "
+        "WHERE ok AND ts > ? AND ts <= ?"
+        + (" AND instance_id = ?" if instance_id else "")
+        + " ORDER BY instance_id, ts"
+    )
+    params: list[Any] = [since, until] + ([instance_id] if instance_id else [])
+    frame = pl.from_arrow(db.sql(sql, params=params).to_arrow_table())
+    assert isinstance(frame, pl.DataFrame)
+    return frame.with_columns(pl.col("ts").dt.convert_time_zone("UTC"))

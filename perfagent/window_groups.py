@@ -48,7 +48,7 @@ def _epoch_us(ts: pl.Series) -> Index:
 
 def _period(ids: pl.Series, ts: pl.Series) -> int | None:
     """k when the rows are in time order and are rounds of the same k distinct instances in the
-    same order (row i and row i + k are the same instance): the store's layout."""
+    same order (row i and row i + k are the same instance), as step-aligned samples are."""
     n = ids.len()
     if n == 0 or ids.null_count() or not ts.is_sorted():
         return None
@@ -142,10 +142,6 @@ class WindowGroups:
         inside no window, so no reduction reads them)."""
         cells = values if self.source is None else values[self.source]
         return cells.reshape(self.depth, self.k)
-
-    def pick(self, series: pl.Series, rows: Index) -> pl.Series:
-        """`series` (a frame column) at the given frame rows."""
-        return series.gather(rows)
 
     # --- windows -----------------------------------------------------------------------------------
 

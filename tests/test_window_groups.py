@@ -95,7 +95,7 @@ def test_reductions_over_a_window_equal_plain_python(
     counts = groups.lengths(w)
     highest = groups.reduced("q", "max", w)
     latest, has = groups.latest("q", w)
-    ids = groups.pick(df["instance_id"], groups.first).to_list()
+    ids = df["instance_id"].gather(groups.first).to_list()
     for position, instance in enumerate(ids):
         inside = [r["q"] for r in rows if r["instance_id"] == instance and r["ts"] > at - window]
         assert counts[position] == len(inside)
