@@ -25,7 +25,7 @@ from perfagent.clock import iso_z, utc_now
 from perfagent.detect import CompiledRules, compile_rules
 from perfagent.errors import PerfAgentError
 from perfagent.models import EngineName, Instance
-from perfagent.rules import RuleFileError, RuleSet, format_duration, load_rules, parse_duration, rule_files
+from perfagent.rules import RuleFileError, RuleSet, format_duration, load_rules, parse_duration, yaml_files
 from perfagent.timespec import parse_moment
 
 
@@ -136,7 +136,7 @@ def _from_api(
     if args.step:
         body["step"] = args.step
     if args.rules:
-        body["rules"] = {p.name: p.read_text(encoding="utf-8") for p in rule_files(args.rules)}
+        body["rules"] = {p.name: p.read_text(encoding="utf-8") for p in yaml_files(args.rules)}
     if args.rule:
         body["rule_names"] = list(args.rule)
     return PerformanceAgentClient(args.url, timeout=300).backtest(**body)

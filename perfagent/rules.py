@@ -482,8 +482,9 @@ class RuleSet:
         return tuple(r.name for r in self.rules)
 
 
-def rule_files(path: Path) -> list[Path]:
-    """The rule files a path stands for: a file itself, or a directory's *.yaml/*.yml (not recursive)."""
+def yaml_files(path: Path) -> list[Path]:
+    """The files a rule or SLO path stands for: a file itself, or a directory's *.yaml/*.yml (not
+    recursive)."""
     if path.is_dir():
         return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in RULE_FILE_SUFFIXES)
     return [path]
@@ -610,6 +611,21 @@ def compose_yaml(text: str) -> tuple[yaml.Node | None, Any]:
     return node, data
 
 
+def read_yaml_file(path: Path) -> tuple[yaml.Node | None, Any, tuple[int, str] | None]:
+    """A data file's node tree and plain data, or why it cannot be read: (line, message)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, None, (1, f"cannot read: {exc}")
+    try:
+        root, data = compose_yaml(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = int(mark.line) + 1 if mark is not None else 1
+        return None, None, (line, f"not valid YAML: {exc}".replace("\n", " "))
+    return root, data, None
+
+
 def duplicate_key_problems(path: Path, root: yaml.Node) -> list[RuleProblem]:
     return [RuleProblem(path, line, f"duplicate key '{key}'") for line, key in _duplicate_keys(root)]
 
@@ -619,16 +635,9 @@ def load_rule_file(
 ) -> tuple[list[LoadedRule], list[RuleProblem]]:
     """Validate one file: its rules, and every problem found (all of them, not just the first)."""
     problems: list[RuleProblem] = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return [], [RuleProblem(path, 1, f"cannot read: {exc}")]
-    try:
-        root, data = compose_yaml(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = int(mark.line) + 1 if mark is not None else 1
-        return [], [RuleProblem(path, line, f"not valid YAML: {exc}".replace("\n", " "))]
+    root, data, unreadable = read_yaml_file(path)
+    if unreadable is not None:
+        return [], [RuleProblem(path, *unreadable)]
     if root is None or data is None:
         return [], []  # an empty file holds no rules, as in Prometheus
     problems.extend(duplicate_key_problems(path, root))
@@ -701,7 +710,7 @@ def load_rules(
             problems.append(RuleProblem(source, 1, "no such file or directory"))
             continue
         in_source: dict[str, LoadedRule] = {}
-        for path in rule_files(source):
+        for path in yaml_files(source):
             files.append(path)
             loaded, found = load_rule_file(path, builtin=is_builtin, catalog=catalog)
             problems.extend(found)

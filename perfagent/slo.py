@@ -17,7 +17,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Final, Self
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -37,15 +36,15 @@ from perfagent.errors import FileProblemsError
 from perfagent.models import EngineName
 from perfagent.rules import (
     BUILTIN_RULES_DIR,
-    RULE_FILE_SUFFIXES,
     Duration,
     Severity,
     child_node,
-    compose_yaml,
     format_duration,
     line_of,
     node_line,
+    read_yaml_file,
     validation_messages,
+    yaml_files,
 )
 
 # Built-in SLOs; a user's live in `slos/` inside their rules directory. The rule loader reads only the
@@ -360,25 +359,11 @@ class SloSet:
         return max((s.slo.period for s in self.slos), default=timedelta(0))
 
 
-def slo_files(path: Path) -> list[Path]:
-    """A file itself, or a directory's *.yaml/*.yml (not recursive)."""
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in RULE_FILE_SUFFIXES)
-    return [path]
-
-
 def load_slo_file(path: Path, *, builtin: bool = False) -> tuple[list[LoadedSlo], list[SloProblem]]:
     """Validate one file: its SLOs, and every problem found."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return [], [SloProblem(path, 1, f"cannot read: {exc}")]
-    try:
-        root, data = compose_yaml(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = int(mark.line) + 1 if mark is not None else 1
-        return [], [SloProblem(path, line, f"not valid YAML: {exc}".replace("\n", " "))]
+    root, data, unreadable = read_yaml_file(path)
+    if unreadable is not None:
+        return [], [SloProblem(path, *unreadable)]
     if root is None or data is None:
         return [], []
     try:
@@ -434,7 +419,7 @@ def load_slos(paths: Sequence[Path] = (), *, builtin: bool = True) -> SloSet:
             problems.append(SloProblem(source, 1, "no such file or directory"))
             continue
         in_source: dict[str, LoadedSlo] = {}
-        for path in slo_files(source):
+        for path in yaml_files(source):
             files.append(path)
             loaded, found = load_slo_file(path, builtin=is_builtin)
             problems.extend(found)
