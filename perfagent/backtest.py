@@ -47,6 +47,17 @@ CHUNK_EVALUATIONS: Final = 200_000
 """Evaluations per chunk of `evaluate_series`: what bounds the memory of one pass."""
 
 _TS: Final = pl.Datetime("us", "UTC")
+# What `_hits` returns and `fold_episodes` reads: one row per (instance, rule, evaluation k) holding.
+_HITS_SCHEMA: Final = pl.Schema(
+    {
+        "instance_id": pl.String(),
+        "rule": pl.String(),
+        "k": pl.Int64(),
+        "severity": pl.String(),
+        "value": pl.Float64(),
+        "unit": pl.String(),
+    }
+)
 _US: Final = timedelta(microseconds=1)
 _KEYS: Final = ["instance_id", "rule"]
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -256,15 +267,7 @@ def _hits(
             )
             .collect()
         )
-    schema = {
-        "instance_id": pl.String,
-        "rule": pl.String,
-        "k": pl.Int64,
-        "severity": pl.String,
-        "value": pl.Float64,
-        "unit": pl.String,
-    }
-    return pl.concat(parts).cast(schema) if parts else pl.DataFrame(schema=schema)  # type: ignore[arg-type]
+    return pl.concat(parts).cast(_HITS_SCHEMA) if parts else pl.DataFrame(schema=_HITS_SCHEMA)
 
 
 def fold_episodes(hits: pl.DataFrame, timings: pl.DataFrame, count: int) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -492,16 +495,7 @@ def run_backtest(
         )
     hits = _hits(compiled, in_range, chosen, first, count, step) if ids and count else None
     if hits is None:
-        hits = pl.DataFrame(
-            schema={
-                "instance_id": pl.String,
-                "rule": pl.String,
-                "k": pl.Int64,
-                "severity": pl.String,
-                "value": pl.Float64,
-                "unit": pl.String,
-            }
-        )
+        hits = pl.DataFrame(schema=_HITS_SCHEMA)
     episodes, pending = fold_episodes(hits, _timings(compiled, step), count)
     # The value's unit as the findings carry it (a slope's is per second, not the quantity's).
     units: dict[str, str] = dict(hits.unique("rule").select("rule", "unit").iter_rows())
