@@ -11,7 +11,8 @@ false; an unknown one leaves it insufficient. Trends (`slope`, `predict`) are Pr
 least-squares line (`deriv`, `predict_linear`), from window sums.
 
 One evaluation reduces every rule's terms over each instance's rows of the window with NumPy
-(`window_groups`: no loop over instances; the rows' layout is checked, never assumed), then takes
+(`window_groups`: no loop over instances; the rows' layout is checked, never assumed; quantities in
+parallel threads, as NumPy releases the GIL in its loops), then takes
 the rules' verdicts over the per-instance rows in Polars and builds result rows only where a rule
 holds.
 """
@@ -20,9 +21,12 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, Final
 
 import numpy as np
@@ -502,23 +506,12 @@ def _engine_lookup(engines: Mapping[str, str]) -> pl.DataFrame:
 # --- the window's aggregation ----------------------------------------------------------------------
 
 
-def _aggregate(
-    compiled: CompiledRules, rows: pl.DataFrame, at: datetime, present: frozenset[str]
-) -> pl.DataFrame:
-    """One row per instance of the window: `instance_id`, `engine` if the window has the column,
-    and every present term's column."""
+def _quantity_terms(groups: WindowGroups, terms: Sequence[Term]) -> dict[str, pl.Series]:
+    """One quantity's terms, one value per instance (null: none in the window). Its trends share
+    their window's least-squares sums."""
     columns: dict[str, tuple[Floats, Mask | None]] = {}
-    terms = [t for t in compiled.terms if t.quantity in present]
-    if rows.height == 0:
-        schema = {
-            "instance_id": pl.String(),
-            **({"engine": pl.String()} if "engine" in rows.columns else {}),
-            **{t.column: pl.Float64() for t in terms},
-        }
-        return pl.DataFrame(schema=schema)
-    groups = WindowGroups(rows, at, compiled.max_window)
-    fits: dict[str, tuple[Floats, ...]] = {}  # a window's sums, shared by its quantity's trends
-    with np.errstate(invalid="ignore", divide="ignore"):
+    fits: dict[str, tuple[Floats, ...]] = {}
+    with np.errstate(invalid="ignore", divide="ignore"):  # thread-local: set in the worker
         for term in terms:
             q, w = term.quantity, term.window // timedelta(microseconds=1)
             if term.reduce.trend:
@@ -543,15 +536,64 @@ def _aggregate(
                 else:
                     value = groups.reduced(q, term.reduce.value, w)
                 columns[term.column] = value, n > 0
-    data: dict[str, pl.Series] = {"instance_id": rows["instance_id"].gather(groups.first)}
-    if "engine" in rows.columns:
-        data["engine"] = rows["engine"].gather(groups.last)
+    out: dict[str, pl.Series] = {}
     for name, (values, valid) in columns.items():
         series = pl.Series(name, values, dtype=pl.Float64)
         if valid is not None and not valid.all():
             series = series.scatter(np.flatnonzero(~valid), None)
-        data[name] = series
-    return pl.DataFrame(data)
+        out[name] = series
+    return out
+
+
+def _workers() -> int:
+    """Threads for an evaluation's independent pieces of work: the CPUs this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _aggregate(
+    compiled: CompiledRules,
+    rows: pl.DataFrame,
+    at: datetime,
+    present: frozenset[str],
+    engines: Mapping[str, str] | None,
+    pool: Executor,
+) -> pl.DataFrame:
+    """One row per instance of the window: `instance_id`, `engine` (from `engines`, else from the
+    window's latest row) and every present term's column. Quantities are independent: they are
+    reduced in the pool's threads, and the engines looked up alongside."""
+    terms = [t for t in compiled.terms if t.quantity in present]
+    if rows.height == 0:
+        schema = {
+            "instance_id": pl.String(),
+            "engine": pl.String(),
+            **{t.column: pl.Float64() for t in terms},
+        }
+        return pl.DataFrame(schema=schema)
+    groups = WindowGroups(rows, at, compiled.max_window)
+    ids = rows["instance_id"].gather(groups.first)
+
+    def engine() -> dict[str, pl.Series]:
+        if engines is None:
+            return {"engine": rows["engine"].gather(groups.last)}
+        # A dict lookup per instance: cheaper than planning a join, and it overlaps the NumPy work.
+        return {"engine": pl.Series("engine", [engines.get(i) for i in ids.to_list()], dtype=pl.String)}
+
+    per_quantity: dict[str, list[Term]] = {}
+    for term in terms:
+        per_quantity.setdefault(term.quantity, []).append(term)
+    # The engines (Python) first, beside the NumPy work; then trends, the longest pieces of work,
+    # so that the threads finish together.
+    work = sorted(per_quantity.values(), key=lambda ts: -sum(4 if t.reduce.trend else 1 for t in ts))
+    tasks = [engine, *(partial(_quantity_terms, groups, ts) for ts in work)]
+    groups.prepare({t.window // timedelta(microseconds=1) for t in terms})  # shared state, made once
+    parts = list(pool.map(lambda task: task(), tasks))
+    columns = {name: series for part in parts for name, series in part.items()}
+    return pl.DataFrame(
+        {"instance_id": ids, "engine": columns["engine"], **{t.column: columns[t.column] for t in terms}}
+    )
 
 
 def _window(
@@ -597,19 +639,22 @@ def evaluate(
     if engines is None:
         columns.insert(1, "engine")
     rows = _window(frame, columns, at - compiled.max_window, at)
-    per_instance = _aggregate(compiled, rows, at, present).lazy()
-    if engines is not None:
-        per_instance = per_instance.join(_engine_lookup(engines).lazy(), on="instance_id", how="left")
-    out = (
-        per_instance.with_columns(
-            pl.lit(at, dtype=_TS).alias(_END),
-            *(pl.lit(None, pl.Float64).alias(t.column) for t in compiled.terms if t.quantity in absent),
+    # NumPy releases the GIL in its loops: independent pieces of work run in parallel threads.
+    with ThreadPoolExecutor(_workers(), thread_name_prefix="perfagent-detect") as pool:
+        per_instance = _aggregate(compiled, rows, at, present, engines, pool).lazy()
+        out = (
+            per_instance.with_columns(
+                pl.lit(at, dtype=_TS).alias(_END),
+                *(pl.lit(None, pl.Float64).alias(t.column) for t in compiled.terms if t.quantity in absent),
+            )
+            .select("instance_id", "engine", _END, *_verdicts(compiled))
+            .collect(engine="in-memory")  # one row per instance: no morsels to stream
         )
-        .select("instance_id", "engine", _END, *_verdicts(compiled))
-        .collect(engine="in-memory")  # one row per instance: no morsels to stream
-    )
-    instance = _rank(out["instance_id"])
-    return Evaluation(at, _results(compiled, out, [instance]), _insufficient(compiled, out, absent, instance))
+        ids = out["instance_id"]  # one row per instance: in name order (the store's), rank = position
+        instance = np.arange(1, ids.len() + 1) if ids.is_sorted() and not ids.null_count() else _rank(ids)
+        insufficient = pool.submit(_insufficient, compiled, out, absent, instance)
+        results = _results(compiled, out, [instance])
+        return Evaluation(at, results, insufficient.result())
 
 
 # --- evaluation at every timestamp -----------------------------------------------------------------

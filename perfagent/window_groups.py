@@ -20,10 +20,14 @@ A shorter window is a tail of every column: rows where every instance is inside 
 they are, and only the few rows where some instances are inside and some not are masked. Nulls
 are NaN with a `known` mask alongside (None when every sample is known). Results are memoized per
 (quantity, window), so terms that share a window's sums compute them once.
+
+Threads may work on different quantities at once once `prepare` has computed the windows, the only
+state quantities share.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -67,7 +71,10 @@ def _segments(ids: pl.Series, ts: pl.Series) -> Index | None:
         return None
     change = np.concatenate(([True], (ids.slice(1) != ids.slice(0, n - 1)).to_numpy()))
     starts: Index = np.flatnonzero(change)
-    if ids.gather(starts).n_unique() != starts.size:  # an instance in two places
+    names = ids.gather(starts)
+    # In name order (the store's), neighbours differ, so no instance is in two places; otherwise
+    # count them.
+    if not names.is_sorted() and names.n_unique() != starts.size:
         return None
     if not np.all(change[1:] | (np.diff(_epoch_us(ts)) >= 0)):
         return None
@@ -160,6 +167,12 @@ class WindowGroups:
             self._windows[window] = some, full, partial, counts
         return self._windows[window]
 
+    def prepare(self, windows: Iterable[int]) -> None:
+        """Compute these windows' rows up front: the one state quantities share, so that threads
+        can then work on different quantities without locks (every other memo is per quantity)."""
+        for window in windows:
+            self._window(window)
+
     def reduce(self, ufunc: np.ufunc, grid: Any, window: int, fill: Any, dtype: Any = None) -> Any:
         """`ufunc` down each instance's column over its cells inside `(at - window, at]`; `fill` is
         the reduction's identity (its value for an instance without a cell inside)."""
@@ -185,9 +198,8 @@ class WindowGroups:
             values: Floats = self._grid(flat)
             known: Mask | None = None
             if series.null_count():
-                missing = np.isnan(flat)
-                if np.count_nonzero(missing) == series.null_count():
-                    known = self._grid(~missing)
+                if np.count_nonzero(np.isnan(flat)) == series.null_count():
+                    known = ~np.isnan(values)  # on the grid: no second gather
                 else:  # NaN samples too, which are known
                     known = self._grid(series.is_not_null().to_numpy())
             self._columns[quantity] = values, known
