@@ -126,7 +126,7 @@ class WindowGroups:
             rows_in_grid = (starts - top)[None, :] + np.arange(self.depth)[:, None]
             pad = np.arange(self.depth)[:, None] < top[None, :]
             padding = pad.ravel() if pad.any() else None
-            source = np.where(pad, 0, rows_in_grid).ravel()
+            source = np.maximum(rows_in_grid, 0).ravel()  # padding: any row (never read)
             self.source = source if order is None else order[source]
             frame_rows = np.arange(self.n) if order is None else order
             self.first, self.last = frame_rows[starts], frame_rows[starts + lengths - 1]
@@ -259,7 +259,7 @@ class WindowGroups:
         def make() -> Floats:
             x = (self.stamps - self.at) / 1e6
             known = self.column(quantity)[1]
-            return x if known is None else np.where(known, x, 0.0)
+            return x if known is None else x * known  # x is finite: a product, cheaper than where
 
         out: Floats = self._memoized((quantity, "seconds", 0), make)
         return out
@@ -271,5 +271,6 @@ class WindowGroups:
         if known is None and window >= self.widest:  # the last row: every instance's latest sample
             return values[-1], np.ones(self.k, dtype=np.bool_)
         cells = np.arange(self.depth * self.k).reshape(self.depth, self.k)
-        index = self.reduce(np.maximum, cells if known is None else np.where(known, cells, -1), window, -1)
+        # -1 where not known, by arithmetic (cheaper than where)
+        index = self.reduce(np.maximum, cells if known is None else (cells + 1) * known - 1, window, -1)
         return values.ravel()[np.maximum(index, 0)], index >= 0
