@@ -10,7 +10,7 @@ for missing data), over every instance.
 
 The vectorized side gets what `Detector` passes it: the rows `Store.recent_scrapes` returns for the
 rules' widest window (its own query, run by DuckDB over the hour: by instance, then time; no engine
-column) and the engines per instance; the loop gets the same rows as each instance's Python tuples,
+column), the engines per instance, and a thread pool kept for every evaluation (one thread per CPU); the loop gets the same rows as each instance's Python tuples,
 as a per-instance agent would keep them (building those is timed separately, not counted).
 
     .venv/bin/python benchmarks/detect.py [--instances N] [--runs N] [--no-trends]
@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -40,6 +41,7 @@ from perfagent.detect import (
     Evaluation,
     Sample,
     compile_rules,
+    default_workers,
     evaluate,
     evaluate_reference,
     value_unit,
@@ -318,8 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     prepared = {lr.name: _LoopRule(lr) for lr in ruleset}
     rows, missing = _loop(ruleset, prepared, python_data, at)
 
+    pool = ThreadPoolExecutor(default_workers(), thread_name_prefix="perfagent-detect")  # as the app's
+
     def vectorized() -> Evaluation:
-        return evaluate(compiled, stored, at, engines=engines)
+        return evaluate(compiled, stored, at, engines=engines, pool=pool)
 
     # Interleaved rounds, each `--runs` vectorized evaluations then one loop: a shared machine's
     # slow and fast spells then fall on both sides alike, rather than on whichever ran during one.
@@ -362,12 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         times = [_seconds(run) for _ in range(args.runs)]
         return min(times), statistics.median(times), out
 
-    best_e, median_e, _ = timed(lambda: evaluate(compiled, with_engine, at))
+    best_e, median_e, _ = timed(lambda: evaluate(compiled, with_engine, at, pool=pool))
     print(
         f"  the same with an engine column on every row instead: best {best_e:.3f} s, median {median_e:.3f} s"
     )
     hour = fleet.drop("engine")
-    best_h, median_h, hourly = timed(lambda: evaluate(compiled, hour, at, engines=engines))
+    best_h, median_h, hourly = timed(lambda: evaluate(compiled, hour, at, engines=engines, pool=pool))
     print(
         f"  the whole hour in time order ({hour.height:,} rows; the window cut by binary search, its"
         f" rows sorted by instance once): best {best_h:.3f} s, median {median_h:.3f} s"

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 from aiohttp import web
@@ -23,7 +24,7 @@ from perfagent.clock import utc_now
 from perfagent.collect import SnapshotCache
 from perfagent.context import AGENT, Agent
 from perfagent.demo import DemoFleet, SimDemo, default_demo_dir
-from perfagent.detect import compile_rules
+from perfagent.detect import compile_rules, default_workers
 from perfagent.detection import Detector
 from perfagent.discovery import Discovery
 from perfagent.docs import DOC_ROUTE_NAMES, setup_docs
@@ -139,6 +140,8 @@ def create_app(
         )
         tasks: list[asyncio.Task[None]] = []
         history: HistoryWriter | None = None
+        # Detection's threads, started once: evaluations reduce their quantities in parallel.
+        detection_pool = ThreadPoolExecutor(default_workers(), thread_name_prefix="perfagent-detect")
         prometheus = (
             PromClient(
                 settings.prometheus_url,
@@ -156,7 +159,7 @@ def create_app(
                 flush_interval=settings.history_flush_interval,
                 retention=timedelta(days=settings.retention_days),
             )
-            detector = Detector(store, compiled, FindingTracker.from_rules(compiled))
+            detector = Detector(store, compiled, FindingTracker.from_rules(compiled), detection_pool)
             await detector.restore()
             poller = Poller(scraper, snapshots, history, settings.polling_interval)
             statistical = StatisticalJudge(
@@ -245,6 +248,7 @@ def create_app(
             if prometheus is not None:
                 prometheus.close()
             await store.close()
+            detection_pool.shutdown(wait=False)  # its threads end with their last task
 
     app.cleanup_ctx.append(resources)
     add_endpoints(app, ENDPOINTS)

@@ -12,7 +12,7 @@ least-squares line (`deriv`, `predict_linear`), from window sums.
 
 One evaluation reduces every rule's terms over each instance's rows of the window with NumPy
 (`window_groups`: no loop over instances; the rows' layout is checked, never assumed; quantities in
-parallel threads, as NumPy releases the GIL in its loops), then takes
+a pool's parallel threads, as NumPy releases the GIL in its loops), then takes
 the rules' verdicts over the per-instance rows in Polars and builds result rows only where a rule
 holds.
 """
@@ -23,11 +23,11 @@ import bisect
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, ParamSpec, TypeVar
 
 import numpy as np
 import polars as pl
@@ -47,6 +47,9 @@ from perfagent.rules import (
 from perfagent.window_groups import Floats, Index, Mask, WindowGroups
 
 DEFAULT_LOOKBACK: Final = timedelta(minutes=5)
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 RESULT_SCHEMA: Final = pl.Schema(
     {
@@ -545,12 +548,24 @@ def _quantity_terms(groups: WindowGroups, terms: Sequence[Term]) -> dict[str, pl
     return out
 
 
-def _workers() -> int:
-    """Threads for an evaluation's independent pieces of work: the CPUs this process may use."""
+def default_workers() -> int:
+    """Threads for an evaluation pool: the CPUs this process may use."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+class _Inline(Executor):
+    """Runs each task at once in the calling thread: an evaluation given no pool."""
+
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
+        future: Future[_T] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # as a pool's future carries it, to its result()
+            future.set_exception(exc)
+        return future
 
 
 def _aggregate(
@@ -578,8 +593,11 @@ def _aggregate(
     def engine() -> dict[str, pl.Series]:
         if engines is None:
             return {"engine": rows["engine"].gather(groups.last)}
-        # A dict lookup per instance: cheaper than planning a join, and it overlaps the NumPy work.
-        return {"engine": pl.Series("engine", [engines.get(i) for i in ids.to_list()], dtype=pl.String)}
+        # Joined in Polars (which releases the GIL), beside the NumPy work.
+        joined = ids.to_frame().join(
+            _engine_lookup(engines), on="instance_id", how="left", maintain_order="left"
+        )
+        return {"engine": joined["engine"]}
 
     per_quantity: dict[str, list[Term]] = {}
     for term in terms:
@@ -623,12 +641,17 @@ def evaluate(
     at: datetime,
     *,
     engines: Mapping[str, str] | None = None,
+    pool: Executor | None = None,
 ) -> Evaluation:
     """Evaluate every rule for every instance at `at`, reading `(at - window, at]` of `frame`.
 
     Each instance's engine is `engines[instance_id]` when `engines` is given (the frame then needs no
     `engine` column), else its latest row's `engine`. Instances with no row at all in the widest
     window are not reported (the caller knows its fleet).
+
+    `pool` runs independent pieces of the work (each quantity's reductions: NumPy releases the GIL
+    in its loops) in parallel threads; keep one for many evaluations (`default_workers()` threads),
+    as starting threads costs more than a small fleet's evaluation. Without one, all runs here.
     """
     at = _utc(at)
     names = frame.collect_schema().names()
@@ -639,22 +662,21 @@ def evaluate(
     if engines is None:
         columns.insert(1, "engine")
     rows = _window(frame, columns, at - compiled.max_window, at)
-    # NumPy releases the GIL in its loops: independent pieces of work run in parallel threads.
-    with ThreadPoolExecutor(_workers(), thread_name_prefix="perfagent-detect") as pool:
-        per_instance = _aggregate(compiled, rows, at, present, engines, pool).lazy()
-        out = (
-            per_instance.with_columns(
-                pl.lit(at, dtype=_TS).alias(_END),
-                *(pl.lit(None, pl.Float64).alias(t.column) for t in compiled.terms if t.quantity in absent),
-            )
-            .select("instance_id", "engine", _END, *_verdicts(compiled))
-            .collect(engine="in-memory")  # one row per instance: no morsels to stream
+    pool = pool or _Inline()
+    per_instance = _aggregate(compiled, rows, at, present, engines, pool).lazy()
+    out = (
+        per_instance.with_columns(
+            pl.lit(at, dtype=_TS).alias(_END),
+            *(pl.lit(None, pl.Float64).alias(t.column) for t in compiled.terms if t.quantity in absent),
         )
-        ids = out["instance_id"]  # one row per instance: in name order (the store's), rank = position
-        instance = np.arange(1, ids.len() + 1) if ids.is_sorted() and not ids.null_count() else _rank(ids)
-        insufficient = pool.submit(_insufficient, compiled, out, absent, instance)
-        results = _results(compiled, out, [instance])
-        return Evaluation(at, results, insufficient.result())
+        .select("instance_id", "engine", _END, *_verdicts(compiled))
+        .collect(engine="in-memory")  # one row per instance: no morsels to stream
+    )
+    ids = out["instance_id"]  # one row per instance: in name order (the store's), rank = position
+    instance = np.arange(1, ids.len() + 1) if ids.is_sorted() and not ids.null_count() else _rank(ids)
+    insufficient = pool.submit(_insufficient, compiled, out, absent, instance)
+    results = _results(compiled, out, [instance])
+    return Evaluation(at, results, insufficient.result())
 
 
 # --- evaluation at every timestamp -----------------------------------------------------------------

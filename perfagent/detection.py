@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -37,6 +38,7 @@ class Detector:
     store: Store
     compiled: CompiledRules
     tracker: FindingTracker
+    pool: Executor | None = None  # evaluate()'s threads; the app keeps one for its life
     state: pl.DataFrame = field(default_factory=FindingTracker.empty_state)
     evaluations: int = 0
     last_seconds: float | None = None
@@ -62,7 +64,7 @@ class Detector:
         if extra is not None and extra.height:
             frame = pl.concat([frame, extra], how="diagonal_relaxed")
         # Engines per instance, not joined onto every row: the rules need one engine per instance.
-        return await asyncio.to_thread(evaluate, self.compiled, frame, at, engines=engines)
+        return await asyncio.to_thread(evaluate, self.compiled, frame, at, engines=engines, pool=self.pool)
 
     async def run_cycle(
         self,

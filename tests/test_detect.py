@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from perfagent.detect import (
 from perfagent.rules import SEVERITY_RANK, LoadedRule, Op, Reduce, Rule, RuleSet, Severity, load_rules
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+POOL = ThreadPoolExecutor(2, thread_name_prefix="test-detect")  # one for every test, as the agent keeps one
 STEP = timedelta(seconds=15)
 # Values on a dyadic grid, so sums and means are exact and both implementations round alike.
 RATIO = st.integers(0, 8).map(lambda i: i / 8)
@@ -171,6 +173,7 @@ def findings(df: pl.DataFrame) -> set[tuple[str, str, str, float, float]]:
     offset=st.sampled_from([0, 7]),
     lookback=st.sampled_from([timedelta(seconds=45), timedelta(minutes=5)]),
     engines_apart=st.booleans(),
+    pooled=st.booleans(),
 )
 def test_vectorized_equals_the_per_instance_reference(
     specs: list[dict[str, Any]],
@@ -179,15 +182,17 @@ def test_vectorized_equals_the_per_instance_reference(
     offset: int,
     lookback: timedelta,
     engines_apart: bool,
+    pooled: bool,
 ) -> None:
     ruleset = loaded(*specs)
     at = T0 + at_step * STEP + timedelta(seconds=offset)
     compiled = compile_rules(ruleset, lookback=lookback)
+    pool = POOL if pooled else None  # threads, as the agent runs it, or all in this thread
     if engines_apart:  # as `Detector` passes them: per instance, the frame without an engine column
         engines = dict(df.select("instance_id", "engine").unique().iter_rows())
-        result = evaluate(compiled, df.drop("engine"), at, engines=engines)
+        result = evaluate(compiled, df.drop("engine"), at, engines=engines, pool=pool)
     else:
-        result = evaluate(compiled, df, at)
+        result = evaluate(compiled, df, at, pool=pool)
     expected, missing = evaluate_reference(ruleset, as_python(df), at, lookback=lookback)
     assert findings(result.results) == {
         (f.instance_id, f.rule, f.severity.value, f.value, f.threshold) for f in expected
@@ -296,7 +301,7 @@ def test_every_row_layout_equals_the_reference(
     for layout in (df.sort("ts"), df.sort("instance_id", "ts"), grouped, shuffled):
         for result in (
             evaluate(compiled, layout, at),
-            evaluate(compiled, layout.drop("engine"), at, engines=engines),
+            evaluate(compiled, layout.drop("engine"), at, engines=engines, pool=POOL),
         ):
             assert findings(result.results) == want
             assert set(result.insufficient.select("instance_id", "rule", "quantity").rows()) == missing
@@ -605,3 +610,28 @@ def test_engines_passed_apart_equal_an_engine_column() -> None:
         ("s", "sglang", "R1"),
         ("v", None, "R1"),
     ]
+
+
+def test_a_pool_gives_what_one_thread_gives_and_passes_errors_on() -> None:
+    """The threads only split the work: the same frames, bit for bit, and an error raised in one of
+    them reaches the caller as it does without a pool."""
+    compiled = compile_rules(load_rules())
+    rng = np.random.default_rng(3)
+    quantities = sorted(compiled.quantities)
+    # Ratios in 0-1, everything else up to 20 (seconds, rates, queue lengths): some rules hold.
+    scale = np.array([1.0 if "usage" in q or "rate" in q else 20.0 for q in quantities])
+    rows = [
+        {"i": f"i{n:02d}", "e": ("vllm", "sglang", "tgi")[n % 3], "t": t}
+        | dict(zip(quantities, (rng.random(len(quantities)) * scale).tolist(), strict=True))
+        for n in range(30)
+        for t in range(25)
+    ]
+    df = frame(rows)
+    at = T0 + 24 * STEP
+    alone, pooled = evaluate(compiled, df, at), evaluate(compiled, df, at, pool=POOL)
+    assert not alone.results.is_empty()
+    assert pooled.results.equals(alone.results) and pooled.insufficient.equals(alone.insufficient)
+    broken = df.with_columns(pl.lit("n/a").alias("kv_cache_usage"))  # not a number
+    for pool in (None, POOL):
+        with pytest.raises(pl.exceptions.InvalidOperationError):
+            evaluate(compiled, broken, at, pool=pool)
