@@ -84,6 +84,10 @@ INSUFFICIENT_SCHEMA: Final = pl.Schema(
 
 
 _TS: Final = pl.Datetime("us", "UTC")
+# The per-instance queries (one row per instance, or per finding) run as written, in memory (no
+# morsels to stream): planning is most of their cost, and the optimizer's passes, common
+# subexpressions above all, cost more than they save on a few thousand rows.
+_AS_WRITTEN: Final = pl.QueryOptFlags.none()
 _END: Final = "__end"  # the evaluation time of a row
 
 
@@ -457,7 +461,7 @@ def _results(compiled: CompiledRules, rows: pl.DataFrame, order: Sequence[Index]
             for cr, lo, hi in zip(compiled.rules, bounds[:-1], bounds[1:], strict=True)
             if hi > lo
         ]
-    ).collect(engine="in-memory")
+    ).collect(engine="in-memory", optimizations=_AS_WRITTEN)
     out = pl.concat([found, texts], how="horizontal")[list(RESULT_SCHEMA)]
     keys = [compiled.rule_rank[rule], *(rank[row] for rank in reversed(order))]
     return _take(out, np.lexsort(keys))
@@ -664,13 +668,15 @@ def evaluate(
     rows = _window(frame, columns, at - compiled.max_window, at)
     pool = pool or _Inline()
     per_instance = _aggregate(compiled, rows, at, present, engines, pool).lazy()
+    # The time as an epoch cast in the query: a datetime literal costs a query of its own to convert.
+    at_us = (at - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
     out = (
         per_instance.with_columns(
-            pl.lit(at, dtype=_TS).alias(_END),
+            pl.lit(at_us, dtype=pl.Int64).cast(_TS).alias(_END),
             *(pl.lit(None, pl.Float64).alias(t.column) for t in compiled.terms if t.quantity in absent),
         )
         .select("instance_id", "engine", _END, *_verdicts(compiled))
-        .collect(engine="in-memory")  # one row per instance: no morsels to stream
+        .collect(engine="in-memory", optimizations=_AS_WRITTEN)
     )
     ids = out["instance_id"]  # one row per instance: in name order (the store's), rank = position
     instance = np.arange(1, ids.len() + 1) if ids.is_sorted() and not ids.null_count() else _rank(ids)
