@@ -157,8 +157,8 @@ class CompiledRule:
     window: timedelta
     main: Term
     conditions: tuple[tuple[Term, Op, float], ...]
-    rung: pl.Expr  # Int8: where the rule holds, the index in its ladder of the rung reached; else -1
-    missing: tuple[tuple[str, pl.Expr, str], ...]  # per quantity: undecided for lack of it; the reason
+    rung: pl.Expr  # Int8: where the rule holds, its ladder's index of the rung reached; UNDECIDED; else -1
+    missing: tuple[tuple[str, tuple[str, ...], str], ...]  # per quantity: its terms' columns; the reason
     texts: tuple[pl.Expr, pl.Expr]  # summary and description, over a result row's columns
 
     @property
@@ -265,18 +265,15 @@ def value_unit(rule: Rule) -> str:
     return f"{unit}/s" if rule.reduce is Reduce.SLOPE else unit
 
 
-def _missing(
-    window: timedelta, terms: Sequence[Term], undecided: pl.Expr
-) -> tuple[tuple[str, pl.Expr, str], ...]:
-    """Per quantity of a rule: the flag "undecided, and a term of this quantity has no value", and
-    the reason reported with it."""
+def _missing(window: timedelta, terms: Sequence[Term]) -> tuple[tuple[str, tuple[str, ...], str], ...]:
+    """Per quantity of a rule: the columns of its terms (an undecided rule lacks the quantity where
+    one of them has no value), and the reason reported then."""
     out = []
     for quantity in dict.fromkeys(t.quantity for t in terms):
         mine = [t for t in terms if t.quantity == quantity]
-        flag = pl.any_horizontal(pl.col(t.column).is_null() for t in mine)
         need = "fewer than 2 samples" if any(t.reduce.trend for t in mine) else "no sample"
         reason = f"{need} of '{quantity}' in the {format_duration(window)} window"
-        out.append((quantity, undecided & flag, reason))
+        out.append((quantity, tuple(t.column for t in mine), reason))
     return tuple(out)
 
 
@@ -318,8 +315,12 @@ def _compile_rule(lr: LoadedRule, lookback: timedelta) -> CompiledRule:
         window=window,
         main=main,
         conditions=conditions,
-        rung=pl.when(holds).then(rung).otherwise(pl.lit(-1, pl.Int8)),
-        missing=_missing(window, (main, *(t for t, _, _ in conditions)), undecided),
+        rung=pl.when(holds)
+        .then(rung)
+        .when(undecided)
+        .then(pl.lit(UNDECIDED, pl.Int8))
+        .otherwise(pl.lit(-1, pl.Int8)),
+        missing=_missing(window, (main, *(t for t, _, _ in conditions))),
         texts=(
             _render(parse_template(rule.annotations.summary), constants).alias("summary"),
             _render(parse_template(rule.annotations.description), constants).alias("description"),
@@ -387,20 +388,18 @@ def _positions(keys: Sequence[Any]) -> Index:
 # --- results ---------------------------------------------------------------------------------------
 
 _RUNG: Final = "__rung|"
+UNDECIDED: Final = -2  # the rung of a rule that a term without data leaves open
 _VALUE: Final = "__value|"
-_MISSING: Final = "__missing|"
 
 
 def _verdicts(compiled: CompiledRules) -> list[pl.Expr]:
-    """Per row: every rule's rung (Int8, -1: does not hold), main value (NaN: none), and
-    missing-data flags; none null, so NumPy reads them without a conversion."""
+    """Per row: every rule's rung (Int8: the ladder's index reached, UNDECIDED, or -1) and main
+    value (NaN: none); none null, so NumPy reads them without a conversion."""
     exprs = [cr.rung.alias(f"{_RUNG}{i}") for i, cr in enumerate(compiled.rules)]
     exprs += [
         pl.col(cr.main.column).fill_null(float("nan")).alias(f"{_VALUE}{i}")
         for i, cr in enumerate(compiled.rules)
     ]
-    flags = [flag for cr in compiled.rules for _, flag, _ in cr.missing]
-    exprs += [flag.fill_null(False).alias(f"{_MISSING}{i}") for i, flag in enumerate(flags)]
     return exprs
 
 
@@ -468,14 +467,28 @@ def _results(compiled: CompiledRules, rows: pl.DataFrame, order: Sequence[Index]
 
 
 def _insufficient(
-    compiled: CompiledRules, rows: pl.DataFrame, absent: frozenset[str], instance: Index
+    compiled: CompiledRules,
+    rows: pl.DataFrame,
+    nulls: Mapping[str, Mask],
+    absent: frozenset[str],
+    instance: Index,
 ) -> pl.DataFrame:
-    """(instance, rule, quantity) for every undecided rule and each of its quantities without data,
-    sorted by instance (its rank per row), rule and quantity."""
+    """(instance, rule, quantity) for every undecided rule and each of its quantities without data
+    (a term of it null: `nulls` per present term column, for the same rows), sorted by instance
+    (its rank per row), rule and quantity."""
     pairs = [(cr, q, reason) for cr in compiled.rules for q, _, reason in cr.missing]
     if not pairs or rows.height == 0:
         return pl.DataFrame(schema=INSUFFICIENT_SCHEMA)
-    row, pair = np.nonzero(_matrix(rows, _MISSING, len(pairs)))
+    undecided = _matrix(rows, _RUNG, len(compiled.rules)) == UNDECIDED
+    everywhere = np.ones(rows.height, dtype=np.bool_)  # an absent quantity's terms
+    lacking = np.column_stack(
+        [
+            undecided[:, r] & np.logical_or.reduce([nulls.get(c, everywhere) for c in columns])
+            for r, cr in enumerate(compiled.rules)
+            for _, columns, _ in cr.missing
+        ]
+    )
+    row, pair = np.nonzero(lacking)
     reasons = pl.DataFrame(
         {
             "rule": [cr.name for cr, _, _ in pairs],
@@ -513,9 +526,9 @@ def _engine_lookup(engines: Mapping[str, str]) -> pl.DataFrame:
 # --- the window's aggregation ----------------------------------------------------------------------
 
 
-def _quantity_terms(groups: WindowGroups, terms: Sequence[Term]) -> dict[str, pl.Series]:
-    """One quantity's terms, one value per instance (null: none in the window). Its trends share
-    their window's least-squares sums."""
+def _quantity_terms(groups: WindowGroups, terms: Sequence[Term]) -> dict[str, tuple[Floats, Mask | None]]:
+    """One quantity's terms: per instance, the value, and where there is one (None: everywhere).
+    Its trends share their window's least-squares sums. NumPy only: it runs in a pool's thread."""
     columns: dict[str, tuple[Floats, Mask | None]] = {}
     fits: dict[str, tuple[Floats, ...]] = {}
     with np.errstate(invalid="ignore", divide="ignore"):  # thread-local: set in the worker
@@ -543,13 +556,7 @@ def _quantity_terms(groups: WindowGroups, terms: Sequence[Term]) -> dict[str, pl
                 else:
                     value = groups.reduced(q, term.reduce.value, w)
                 columns[term.column] = value, n > 0
-    out: dict[str, pl.Series] = {}
-    for name, (values, valid) in columns.items():
-        series = pl.Series(name, values, dtype=pl.Float64)
-        if valid is not None and not valid.all():
-            series = series.scatter(np.flatnonzero(~valid), None)
-        out[name] = series
-    return out
+    return columns
 
 
 def default_workers() -> int:
@@ -579,10 +586,11 @@ def _aggregate(
     present: frozenset[str],
     engines: Mapping[str, str] | None,
     pool: Executor,
-) -> pl.DataFrame:
+) -> tuple[pl.DataFrame, dict[str, Mask]]:
     """One row per instance of the window: `instance_id`, `engine` (from `engines`, else from the
-    window's latest row) and every present term's column. Quantities are independent: they are
-    reduced in the pool's threads, and the engines looked up alongside."""
+    window's latest row) and every present term's column; and per term column, where it is null.
+    Quantities are independent: they are reduced in the pool's threads, and the engines looked up
+    alongside."""
     terms = [t for t in compiled.terms if t.quantity in present]
     if rows.height == 0:
         schema = {
@@ -590,32 +598,38 @@ def _aggregate(
             "engine": pl.String(),
             **{t.column: pl.Float64() for t in terms},
         }
-        return pl.DataFrame(schema=schema)
+        return pl.DataFrame(schema=schema), {t.column: np.zeros(0, dtype=np.bool_) for t in terms}
     groups = WindowGroups(rows, at, compiled.max_window)
     ids = rows["instance_id"].gather(groups.first)
 
-    def engine() -> dict[str, pl.Series]:
+    def engine() -> pl.Series:
         if engines is None:
-            return {"engine": rows["engine"].gather(groups.last)}
+            return rows["engine"].gather(groups.last)
         # Joined in Polars (which releases the GIL), beside the NumPy work.
         joined = ids.to_frame().join(
             _engine_lookup(engines), on="instance_id", how="left", maintain_order="left"
         )
-        return {"engine": joined["engine"]}
+        return joined["engine"]
 
     per_quantity: dict[str, list[Term]] = {}
     for term in terms:
         per_quantity.setdefault(term.quantity, []).append(term)
-    # The engines (Python) first, beside the NumPy work; then trends, the longest pieces of work,
-    # so that the threads finish together.
+    # Trends first, the longest pieces of work, so that the threads finish together.
     work = sorted(per_quantity.values(), key=lambda ts: -sum(4 if t.reduce.trend else 1 for t in ts))
-    tasks = [engine, *(partial(_quantity_terms, groups, ts) for ts in work)]
     groups.prepare({t.window // timedelta(microseconds=1) for t in terms})  # shared state, made once
-    parts = list(pool.map(lambda task: task(), tasks))
-    columns = {name: series for part in parts for name, series in part.items()}
-    return pl.DataFrame(
-        {"instance_id": ids, "engine": columns["engine"], **{t.column: columns[t.column] for t in terms}}
-    )
+    looked_up = pool.submit(engine)
+    parts = list(pool.map(partial(_quantity_terms, groups), work))
+    reduced = {name: part for parts_ in parts for name, part in parts_.items()}
+    data: dict[str, pl.Series] = {"instance_id": ids, "engine": looked_up.result()}
+    nulls: dict[str, Mask] = {}
+    for term in terms:
+        values, valid = reduced[term.column]
+        series = pl.Series(term.column, values, dtype=pl.Float64)
+        nulls[term.column] = np.zeros(groups.k, dtype=np.bool_) if valid is None else ~valid
+        if valid is not None and not valid.all():
+            series = series.scatter(np.flatnonzero(nulls[term.column]), None)
+        data[term.column] = series
+    return pl.DataFrame(data), nulls
 
 
 def _window(
@@ -667,11 +681,12 @@ def evaluate(
         columns.insert(1, "engine")
     rows = _window(frame, columns, at - compiled.max_window, at)
     pool = pool or _Inline()
-    per_instance = _aggregate(compiled, rows, at, present, engines, pool).lazy()
+    per_instance, nulls = _aggregate(compiled, rows, at, present, engines, pool)
     # The time as an epoch cast in the query: a datetime literal costs a query of its own to convert.
     at_us = (at - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
     out = (
-        per_instance.with_columns(
+        per_instance.lazy()
+        .with_columns(
             pl.lit(at_us, dtype=pl.Int64).cast(_TS).alias(_END),
             *(pl.lit(None, pl.Float64).alias(t.column) for t in compiled.terms if t.quantity in absent),
         )
@@ -680,7 +695,7 @@ def evaluate(
     )
     ids = out["instance_id"]  # one row per instance: in name order (the store's), rank = position
     instance = np.arange(1, ids.len() + 1) if ids.is_sorted() and not ids.null_count() else _rank(ids)
-    insufficient = pool.submit(_insufficient, compiled, out, absent, instance)
+    insufficient = pool.submit(_insufficient, compiled, out, nulls, absent, instance)
     results = _results(compiled, out, [instance])
     return Evaluation(at, results, insufficient.result())
 
