@@ -24,7 +24,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, Final, ParamSpec, TypeVar
@@ -104,16 +104,15 @@ class Term:
     reduce: Reduce
     window: timedelta
     ahead: timedelta | None = None
+    column: str = field(init=False, compare=False)  # its column in the per-instance frame
+    fit: str = field(init=False, compare=False)  # a trend's window sums' prefix (shared per window)
 
-    @property
-    def column(self) -> str:
+    def __post_init__(self) -> None:
+        # Named once: every evaluation reads them many times.
         ahead = f"+{_ms(self.ahead)}ms" if self.ahead is not None else ""
-        return f"__{self.quantity}|{self.reduce.value}{ahead}|{_ms(self.window)}ms"
-
-    @property
-    def fit(self) -> str:
-        """The prefix of the least-squares sums a trend term is computed from (shared per window)."""
-        return f"__fit|{self.quantity}|{_ms(self.window)}ms|"
+        window = f"{_ms(self.window)}ms"
+        object.__setattr__(self, "column", f"__{self.quantity}|{self.reduce.value}{ahead}|{window}")
+        object.__setattr__(self, "fit", f"__fit|{self.quantity}|{window}|")
 
 
 _FIT_STATS: Final = ("n", "sx", "sxx", "sy", "sxy", "lo", "hi")
