@@ -515,7 +515,8 @@ def _check_frame(names: Sequence[str], engines: Mapping[str, str] | None) -> Non
         raise ValueError(f"the frame lacks column(s) {', '.join(missing)}")
 
 
-def _engine_lookup(engines: Mapping[str, str]) -> pl.DataFrame:
+def engine_lookup(engines: Mapping[str, str]) -> pl.DataFrame:
+    """Engines per instance as a frame to join on `instance_id`."""
     return pl.DataFrame(
         {"instance_id": list(engines), "engine": list(engines.values())},
         schema={"instance_id": pl.String(), "engine": pl.String()},
@@ -606,7 +607,7 @@ def _aggregate(
             return rows["engine"].gather(groups.last)
         # Joined in Polars (which releases the GIL), beside the NumPy work.
         joined = ids.to_frame().join(
-            _engine_lookup(engines), on="instance_id", how="left", maintain_order="left"
+            engine_lookup(engines), on="instance_id", how="left", maintain_order="left"
         )
         return joined["engine"]
 
@@ -778,7 +779,7 @@ def evaluate_series(
     keep = ["instance_id", "ts", *sorted(present)]
     lazy = frame.lazy().select(keep if engines is not None else ["engine", *keep])
     if engines is not None:
-        lazy = lazy.join(_engine_lookup(engines).lazy(), on="instance_id", how="left")
+        lazy = lazy.join(engine_lookup(engines).lazy(), on="instance_id", how="left")
     # Sorted once, eagerly: forward_fill over an instance needs its rows in time order.
     rows = lazy.collect().sort("instance_id", "ts")
     if rows.height == 0:

@@ -17,7 +17,7 @@ from datetime import datetime
 
 import polars as pl
 
-from perfagent.detect import CompiledRules, Evaluation, evaluate
+from perfagent.detect import CompiledRules, Evaluation, engine_lookup, evaluate
 from perfagent.findings import FindingTracker, Step
 from perfagent.store import Store
 
@@ -26,11 +26,7 @@ log = logging.getLogger("perfagent.detection")
 
 def with_engines(frame: pl.DataFrame, engines: Mapping[str, str]) -> pl.DataFrame:
     """Scrape rows carry no engine; rules filter on it, so join it from the instance list."""
-    lookup = pl.DataFrame(
-        {"instance_id": list(engines), "engine": list(engines.values())},
-        schema={"instance_id": pl.String, "engine": pl.String},
-    )
-    return frame.join(lookup, on="instance_id", how="left")
+    return frame.join(engine_lookup(engines), on="instance_id", how="left")
 
 
 @dataclass(slots=True)
