@@ -111,8 +111,8 @@ async def start_loop(
         rules_dir=tmp_path / "rules",
         polling_interval=0.25,
         history_flush_interval=0.25,
-        # 90 s of simulated time by default: the restart and the ramp up to a steady batch. The
-        # window is the floor of 12 polls (3 s) either way.
+        # By default 90 s of simulated time each: the warm-up covers the restart and the ramp up to
+        # a steady batch; the window is the floor of 12 polls (3 s).
         canary_warmup=canary_warmup,
         canary_window=canary_window,
         workflow_validation_delay=1.0,
